@@ -1,0 +1,1 @@
+"""Model math shared by every stage: pipeline loading, LoRA, the SDE sampler and log-probs."""

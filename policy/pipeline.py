@@ -1,0 +1,221 @@
+"""Loading the SD3 pipeline, attaching LoRA, and running the base model for KL.
+
+The policy is a frozen SD3 pipeline plus one peft LoRA adapter on the transformer.
+The KL reference (DESIGN.md section 4) is the same transformer with the adapter
+disabled, so no second copy of the weights is kept.
+
+Imports torch, diffusers, peft and the standard library only.
+"""
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+MODEL_INDEX = "model_index.json"
+
+
+def load_pipeline(
+    name_or_path: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> StableDiffusion3Pipeline:
+    """Load an SD3 pipeline from a hub id or a local diffusers directory, frozen.
+
+    Components saved as null in `model_index.json` (the tiny model has no T5) are
+    passed as None explicitly: diffusers refuses a null non-optional component
+    otherwise.
+    """
+    if _looks_local(name_or_path):
+        _check_pipeline_dir(Path(name_or_path))
+    config = StableDiffusion3Pipeline.load_config(name_or_path)
+    absent = {name: None for name, value in config.items() if value == [None, None]}
+    # Precision: every component follows `dtype`, the VAE included, because the stock
+    # pipeline hands latents to `vae.decode` without a cast. A caller that decodes
+    # itself may keep the VAE in fp32 (`pipe.vae.to(torch.float32)`); it is run once
+    # per image, so the cost is small.
+    pipe = StableDiffusion3Pipeline.from_pretrained(name_or_path, dtype=dtype, **absent)
+    pipe.to(device)
+    for module in _modules(pipe):
+        module.requires_grad_(False)
+    for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+        if module is not None:
+            module.eval()
+    return pipe
+
+
+def _looks_local(name_or_path: str) -> bool:
+    """True unless `name_or_path` reads as a hub id ("org/name" with no local match).
+
+    A relative path whose first folder exists here ("models/tiny" next to `models/`)
+    counts as local, so a typo there fails with a file error, not a hub lookup.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.exists() or path.is_absolute() or name_or_path.startswith((".", "~")):
+        return True
+    return len(path.parts) != 2 or Path(path.parts[0]).is_dir()
+
+
+def _check_pipeline_dir(path: Path) -> None:
+    """Fail with the path and what was expected, not diffusers' hub error."""
+    path = path.expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"pipeline directory {str(path)!r} does not exist; expected a diffusers "
+            f"pipeline directory containing {MODEL_INDEX} (e.g. from pipe.save_pretrained)"
+        )
+    if not (path / MODEL_INDEX).is_file():
+        raise FileNotFoundError(
+            f"{str(path)!r} has no {MODEL_INDEX}; expected a diffusers pipeline "
+            f"directory (e.g. from pipe.save_pretrained), found: {sorted(os.listdir(path))[:10]}"
+        )
+
+
+def _modules(pipe: StableDiffusion3Pipeline) -> list[torch.nn.Module]:
+    """The pipeline's torch modules (transformer, VAE, text encoders present)."""
+    return [value for value in pipe.components.values() if isinstance(value, torch.nn.Module)]
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """Shape and placement of the LoRA adapter (DESIGN.md defaults for SD3.5-M)."""
+
+    rank: int = 32
+    """LoRA rank r."""
+    alpha: float = 64
+    """LoRA alpha; the update is scaled by alpha / r."""
+    target_modules: tuple[str, ...] = (
+        "attn.to_q",
+        "attn.to_k",
+        "attn.to_v",
+        "attn.to_out.0",
+        "attn.add_q_proj",
+        "attn.add_k_proj",
+        "attn.add_v_proj",
+        "attn.to_add_out",
+    )
+    """Module-name suffixes that get an adapter; each must match at least one module."""
+    init_seed: int = 0
+    """Seed for the random A matrices (B starts at zero)."""
+
+
+def add_lora(transformer: SD3Transformer2DModel, spec: LoraSpec) -> list[str]:
+    """Attach a LoRA adapter, make only its weights trainable, return their names.
+
+    B is initialised to zero, so the adapted model starts equal to the base model.
+    """
+    _check_targets(transformer, spec.target_modules)
+    config = LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        init_lora_weights=True,
+        target_modules=list(spec.target_modules),
+    )
+    # Seed A's init without moving the caller's random stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.init_seed)
+        transformer.add_adapter(config)
+    trainable = []
+    for name, param in transformer.named_parameters():
+        param.requires_grad_("lora_" in name)
+        if param.requires_grad:
+            trainable.append(name)
+    return trainable
+
+
+def _check_targets(model: torch.nn.Module, targets: tuple[str, ...]) -> None:
+    """Each target must match some module, by peft's rule (equal or dotted suffix).
+
+    peft only complains when no target matches at all; a misspelled single target
+    would silently leave those layers untrained.
+    """
+    names = [name for name, _ in model.named_modules()]
+    for target in targets:
+        if not any(name == target or name.endswith("." + target) for name in names):
+            linear = sorted(
+                {
+                    name.split(".", 2)[-1]
+                    for name, module in model.named_modules()
+                    if isinstance(module, torch.nn.Linear)
+                }
+            )
+            raise ValueError(
+                f"LoRA target {target!r} matches no module of {type(model).__name__}; "
+                f"some linear modules are: {linear[:12]}"
+            )
+
+
+@contextlib.contextmanager
+def adapter_disabled(transformer: torch.nn.Module) -> Iterator[None]:
+    """Run the base model (the KL reference) inside the block; restore on exit.
+
+    A no-op when the model has no adapter or it is already disabled. peft toggles
+    `requires_grad` of the LoRA weights when disabling, so those flags are restored
+    as they were, not as peft would set them.
+    """
+    layers = [module for module in transformer.modules() if isinstance(module, BaseTunerLayer)]
+    if not layers or all(layer.disable_adapters for layer in layers):
+        yield
+        return
+    requires_grad = {param: param.requires_grad for param in transformer.parameters()}
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for param, flag in requires_grad.items():
+            param.requires_grad_(flag)
+
+
+def _adapter_name(transformer: torch.nn.Module) -> str:
+    """The name of the transformer's only adapter ("default", or "default_0" when loaded)."""
+    names = list(getattr(transformer, "peft_config", {}))
+    if len(names) != 1:
+        raise ValueError(f"expected exactly one LoRA adapter on the transformer, found {names}")
+    return names[0]
+
+
+def lora_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's weights, keyed as peft saves them (no adapter name in the keys)."""
+    return get_peft_model_state_dict(transformer, adapter_name=_adapter_name(transformer))
+
+
+def load_lora_state_dict(transformer: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load adapter weights; the keys must match the adapter's exactly."""
+    expected = set(lora_state_dict(transformer))
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"LoRA state dict does not match the adapter: missing {missing[:5]} "
+            f"({len(missing)} in all), unexpected {unexpected[:5]} ({len(unexpected)} in all)"
+        )
+    set_peft_model_state_dict(transformer, state, adapter_name=_adapter_name(transformer))
+
+
+def save_lora(
+    pipe_or_transformer: StableDiffusion3Pipeline | SD3Transformer2DModel, directory: str | Path
+) -> None:
+    """Write the adapter where `StableDiffusion3Pipeline.load_lora_weights` reads it.
+
+    The LoRA config goes along as metadata: without it the loader would assume
+    alpha = r and scale the update differently.
+    """
+    transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
+    state = {
+        key: value.detach().contiguous() for key, value in lora_state_dict(transformer).items()
+    }
+    config = transformer.peft_config[_adapter_name(transformer)]
+    StableDiffusion3Pipeline.save_lora_weights(
+        str(directory),
+        transformer_lora_layers=state,
+        transformer_lora_adapter_metadata=config.to_dict(),
+    )
