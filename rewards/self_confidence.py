@@ -1,0 +1,151 @@
+"""SOLACE's intrinsic self-confidence reward (seed 000, DESIGN.md section 4).
+
+For a generated latent ``z0`` and its prompt ``c``, re-inject noise at the probe steps
+and measure how well the model recovers it, without CFG:
+
+    eps_1..K ~ N(0, I), antithetic: eps_{K/2+m} = -eps_m
+    z_t      = (1 - t) z0 + t eps_m
+    eps_hat  = v_theta(z_t, t, c) + z0          (since v = eps - x0)
+    MSE_t    = mean_m mean_dims (eps_hat - eps_m)^2
+    S_t      = -log(MSE_t + delta)
+
+Deviations from the paper, on purpose:
+
+* ``MSE`` is a per-element mean rather than the paper's squared L2 norm (a sum), so
+  that ``delta`` means the same thing at every resolution. ``-log`` turns the
+  difference into a constant offset, which the advantage normalisation removes.
+* The ``K`` probes are shared by every sample of a call, as in the paper; they come
+  from ``generator``, so a group scored in one call or in two halves with the same
+  generator seed sees the same probes and gets the same per-step scores.
+* The official code's aggregation z-normalises ``S_t`` across the local GPU batch;
+  here it is across the GRPO group (``group_ids``), so a reward never depends on how
+  a pool happened to batch its work. :func:`aggregate` does this on its own, so a
+  group split over several calls can be aggregated once all its scores are in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from policy.sampler import suffix_window
+
+Aggregation = Literal["paper", "official"]
+VelocityFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
+
+
+@dataclass
+class SelfConfidence:
+    """Self-confidence of a batch of samples."""
+
+    reward: torch.Tensor  # [B] aggregated reward
+    per_step: torch.Tensor  # [B, P] S_t at each probe step
+    mse: torch.Tensor  # [B, P] MSE_t
+    probe_sigmas: torch.Tensor  # [P] the t of each probe step
+    probe_steps: tuple[int, ...]  # indices into the schedule's sigmas
+
+
+def antithetic_probes(
+    num_probes: int, shape: tuple[int, ...], generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``K`` standard normal probes ``[K, *shape]`` whose second half negates the first."""
+    if num_probes < 2 or num_probes % 2:
+        raise ValueError(f"num_probes must be even and >= 2 (antithetic pairs), got {num_probes}")
+    half = torch.randn((num_probes // 2, *shape), generator=generator)
+    return torch.cat([half, -half])
+
+
+def _repeat(cond: Any, times: int) -> Any:
+    """Repeat a conditioning ``times`` along the batch (probe-major: [c; c; ...])."""
+    if cond is None:
+        return None
+    if isinstance(cond, torch.Tensor):
+        return cond.repeat(times, *([1] * (cond.ndim - 1)))
+    return cond.repeat(times)  # e.g. policy.sampler.Conditioning
+
+
+def aggregate(
+    per_step: torch.Tensor,
+    probe_sigmas: torch.Tensor,
+    aggregation: Aggregation = "paper",
+    group_ids: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Aggregate per-step scores ``[B, P]`` into one reward per sample ``[B]``.
+
+    * ``"paper"``: ``R = sum_t w(t) S_t / sum_t w(t)`` with ``w = weights`` (default 1).
+    * ``"official"``: z-normalise ``S_t`` per probe step within each GRPO group, multiply
+      by ``t (1 - t)``, and average over probe steps. ``group_ids=None`` is one group.
+    """
+    per_step = per_step.float()
+    if aggregation == "paper":
+        w = torch.ones_like(probe_sigmas) if weights is None else weights.float()
+        return (per_step * w).sum(dim=1) / w.sum()
+    if aggregation != "official":
+        raise ValueError(f"aggregation must be 'paper' or 'official', got {aggregation!r}")
+    if group_ids is None:
+        group_ids = torch.zeros(per_step.shape[0], dtype=torch.long)
+    z = torch.empty_like(per_step)
+    for g in torch.unique(group_ids):
+        rows = group_ids == g
+        s = per_step[rows]  # [G, P]
+        z[rows] = (s - s.mean(dim=0)) / (s.std(dim=0, unbiased=False) + eps)
+    t = probe_sigmas.float().to(per_step.device)
+    return (z * t * (1.0 - t)).mean(dim=1)
+
+
+@torch.no_grad()
+def self_confidence(
+    velocity_fn: VelocityFn,
+    z0: torch.Tensor,
+    sigmas: torch.Tensor,
+    cond: Any,
+    num_probes: int = 8,
+    probe_window: tuple[int, int] | None = None,
+    delta: float = 1e-6,
+    aggregation: Aggregation = "paper",
+    group_ids: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> SelfConfidence:
+    """Score generated latents ``z0 [B, C, H, W]`` by the model's self-confidence.
+
+    Args:
+        velocity_fn: ``(z_t [N,C,H,W], sigma [N], cond) -> v [N,C,H,W]``, the *conditional*
+            velocity (no CFG: SOLACE scores the base conditional policy).
+        sigmas: the sampling schedule ``[T+1]`` (1 -> 0); probe ``t`` values are taken
+            from it.
+        cond: conditioning for the ``B`` samples; repeated ``K`` times (probe-major).
+        probe_window: ``[start, stop)`` step indices into ``sigmas``; default is the
+            suffix window of rho = 0.5 over the ``T-1`` trainable steps.
+        generator: draws the probes (CPU); pass a seeded one for reproducible rewards.
+    """
+    batch = z0.shape[0]
+    num_trainable = len(sigmas) - 2  # the last step is never trained (DESIGN.md trap 3)
+    start, stop = probe_window or suffix_window(num_trainable, 0.5)
+    if not 0 <= start < stop <= len(sigmas) - 1:
+        raise ValueError(f"probe_window {probe_window} must lie within [0, {len(sigmas) - 1})")
+    steps = tuple(range(start, stop))
+    # fp32: the MSE of a well-trained model is small and its log is what is rewarded.
+    x0 = z0.float()
+    eps = antithetic_probes(num_probes, tuple(x0.shape[1:]), generator).to(x0.device)  # [K,C,H,W]
+    eps_k = eps[:, None].expand(num_probes, batch, *x0.shape[1:])  # [K,B,C,H,W]
+    x0_k = x0[None].expand_as(eps_k)  # [K,B,C,H,W]
+    cond_k = _repeat(cond, num_probes)
+
+    mse = []
+    for j in steps:
+        t = sigmas[j].float().to(x0.device)
+        z_t = ((1.0 - t) * x0_k + t * eps_k).reshape(num_probes * batch, *x0.shape[1:])
+        v = velocity_fn(z_t, t.expand(num_probes * batch), cond_k).float()  # [K*B,C,H,W]
+        eps_hat = v.reshape_as(eps_k) + x0_k  # eps = v + x0
+        err = ((eps_hat - eps_k) ** 2).mean(dim=tuple(range(2, eps_k.ndim)))  # [K,B]
+        mse.append(err.mean(dim=0))  # [B]
+    mse_t = torch.stack(mse, dim=1)  # [B,P]
+    per_step = -torch.log(mse_t + delta)
+    probe_sigmas = sigmas[list(steps)].float()
+    reward = aggregate(per_step, probe_sigmas, aggregation, group_ids)
+    return SelfConfidence(reward, per_step, mse_t, probe_sigmas, steps)
