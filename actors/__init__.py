@@ -1,0 +1,1 @@
+"""Ray actor shells around the plain classes of policy/, rewards/ and learner/."""

@@ -1,0 +1,1 @@
+"""The learner: driver loop, Flow-GRPO math, DeepSpeed engine."""

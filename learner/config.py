@@ -1,0 +1,177 @@
+"""The one configuration tree: every number that defines the algorithm, with its meaning.
+
+Presets are YAML files in ``configs/`` holding values only; ``key.sub=value`` overrides
+from the command line are applied on top. Unknown keys and bad values fail here, before
+anything is built, with the dotted field name in the message.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from policy.pipeline import LoraSpec
+from policy.sampler import SamplerSpec
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    path: str = Field(
+        "tiny-random",
+        description="diffusers directory or hub id of an SD3 pipeline; 'tiny-random' builds "
+        "the offline tiny random-weight pipeline of policy.tiny",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype of the transformer weights (latents and log-probs stay fp32)"
+    )
+    device: str = Field("cpu", description="torch device for the models, e.g. 'cpu' or 'cuda'")
+    max_sequence_length: int = Field(
+        8, ge=1, description="T5 token slots of the joint text sequence (zeros when no T5 encoder)"
+    )
+    num_threads: int = Field(0, ge=0, description="torch CPU threads; 0 keeps torch's default")
+
+
+class LoraConfig(_Section):
+    rank: int = Field(32, ge=1, description="LoRA rank r")
+    alpha: float = Field(64.0, gt=0, description="LoRA alpha (scale alpha / r)")
+    target_modules: tuple[str, ...] = Field(
+        LoraSpec().target_modules, description="transformer modules that get a LoRA adapter"
+    )
+
+    def spec(self, seed: int) -> LoraSpec:
+        return LoraSpec(self.rank, self.alpha, self.target_modules, init_seed=seed)
+
+
+class SamplerConfig(_Section):
+    num_steps: int = Field(10, ge=2, description="denoising steps T of training rollouts")
+    eval_num_steps: int = Field(40, ge=2, description="denoising steps of evaluation samples")
+    guidance_scale: float = Field(4.5, ge=1.0, description="CFG scale w (1 disables CFG)")
+    noise_level: float = Field(0.7, gt=0.0, le=1.0, description="SDE noise level a")
+    sde_type: Literal["sde", "cps"] = Field("sde", description="stochastic step of DESIGN.md §4")
+    sde_window: tuple[int, int] | None = Field(
+        None, description="[start, stop) of stochastic steps; null = every step but the last"
+    )
+    shift: float = Field(3.0, gt=0.0, description="SD3 timestep shift of the sigma schedule")
+
+    def spec(self, eval: bool = False) -> SamplerSpec:
+        steps = self.eval_num_steps if eval else self.num_steps
+        window = None if eval else self.sde_window
+        return SamplerSpec(steps, self.guidance_scale, self.noise_level, self.sde_type, window,
+                           self.shift)
+
+    @model_validator(mode="after")
+    def _window_fits(self) -> SamplerConfig:
+        try:
+            self.spec().window()
+        except ValueError as e:
+            raise ValueError(f"sampler.sde_window: {e}") from None
+        return self
+
+
+class SelfConfidenceConfig(_Section):
+    num_probes: int = Field(8, ge=2, description="K noise probes (antithetic pairs, so even)")
+    probe_fraction: float = Field(
+        0.5, gt=0.0, le=1.0, description="rho of the probe window: the last share of trained steps"
+    )
+    delta: float = Field(1e-6, gt=0.0, description="delta in S_t = -log(MSE_t + delta)")
+    aggregation: Literal["paper", "official"] = Field(
+        "paper", description="paper: mean of S_t; official: per-step z-score in the group x t(1-t)"
+    )
+    weight: float = Field(1.0, description="weight of this reward in the combined advantage")
+
+    @model_validator(mode="after")
+    def _even(self) -> SelfConfidenceConfig:
+        if self.num_probes % 2:
+            raise ValueError(f"self_confidence.num_probes must be even, got {self.num_probes}")
+        return self
+
+
+class GrpoConfig(_Section):
+    group_size: int = Field(16, ge=2, description="G samples per prompt (one GRPO group)")
+    prompts_per_step: int = Field(2, ge=1, description="prompts (groups) per training step")
+    train_fraction: float = Field(
+        0.5, gt=0.0, le=1.0, description="rho: the last share of the stochastic steps trained"
+    )
+    std_mode: Literal["global", "group"] = Field(
+        "global", description="advantage std over the whole step or over the group"
+    )
+    adv_clip: float = Field(5.0, gt=0.0, description="advantages are clipped to [-adv_clip, adv_clip]")
+    adv_eps: float = Field(1e-4, gt=0.0, description="epsilon added to the advantage std")
+    combine: Literal["advantages", "rewards"] = Field(
+        "advantages", description="several rewards: weighted sum of advantages or of rewards"
+    )
+    clip_range: float = Field(1e-4, gt=0.0, description="PPO ratio clip epsilon")
+    beta: float = Field(0.04, ge=0.0, description="KL coefficient")
+    kl_form: Literal["exact", "flow_grpo"] = Field(
+        "exact", description="exact Gaussian KL, or Flow-GRPO's (without |dt|)"
+    )
+    lr: float = Field(3e-4, gt=0.0, description="AdamW learning rate")
+    weight_decay: float = Field(1e-4, ge=0.0, description="AdamW weight decay")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="gradient norm clip")
+    micro_batch: int = Field(8, ge=1, description="samples per forward/backward")
+    inner_epochs: int = Field(1, ge=1, description="passes over each step's samples")
+
+
+class TrainConfig(_Section):
+    steps: int = Field(20, ge=1, description="training steps (weight versions published)")
+    prompts: str = Field(
+        "rewards/shapes/data/train.jsonl", description="jsonl of GenEval-style prompt metadata"
+    )
+    out_dir: str = Field("runs", description="parent directory of run directories")
+    save_every: int = Field(10, ge=1, description="checkpoint every N steps (and at the end)")
+
+
+class Config(_Section):
+    seed: int = Field(0, description="run seed: every sample, probe and init derives from it")
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig()
+    sampler: SamplerConfig = SamplerConfig()
+    self_confidence: SelfConfidenceConfig = SelfConfidenceConfig()
+    grpo: GrpoConfig = GrpoConfig()
+    train: TrainConfig = TrainConfig()
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that does not validate."""
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+    node[leaf] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML preset (or the defaults) and apply ``a.b=value`` overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found; presets live in configs/")
+        tree = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.field=value")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        lines = [
+            f"  {'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
+            for err in e.errors()
+        ]
+        where = f" in {path}" if path else ""
+        raise ConfigError("invalid configuration" + where + ":\n" + "\n".join(lines)) from None

@@ -1,0 +1,162 @@
+"""Flow-GRPO advantages and the clipped policy loss (DESIGN.md section 4).
+
+Pure torch: no ray, no deepspeed, so the math is tested on its own.
+
+Deviations from the Flow-GRPO reference:
+
+* Groups whose rewards are all equal carry no signal; they are marked ``keep=False``
+  and counted rather than trained on with zero advantage.
+* Several rewards combine either as a weighted sum of rewards (then one advantage),
+  or, SOLACE's hybrid rule, as a weighted sum of per-reward advantages, each
+  normalised and clipped on its own so that no reward's scale dominates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+StdMode = Literal["global", "group"]
+CombineRule = Literal["advantages", "rewards"]
+
+
+@dataclass
+class Advantages:
+    """Per-sample advantages of one step."""
+
+    values: torch.Tensor  # [N] fp32, 0 where keep is False
+    keep: torch.Tensor  # [N] bool; False for samples of groups with no reward spread
+    num_groups: int
+    num_dropped_groups: int
+    # Per-reward weighted advantages w_k A_k (for metrics), by reward name.
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    std_mode: StdMode = "global",
+    clip: float = 5.0,
+    eps: float = 1e-4,
+) -> Advantages:
+    """``A = (r - mean_group) / (std + eps)``, clipped to ``[-clip, clip]``.
+
+    ``std`` is the std of every reward in the step (``"global"``, the SD3 default; it
+    needs the whole step's rewards, DESIGN.md trap 4) or of the sample's group.
+    Groups whose rewards are all equal are dropped (``keep=False``, advantage 0).
+    """
+    if rewards.shape != group_ids.shape or rewards.ndim != 1:
+        raise ValueError(
+            f"rewards {tuple(rewards.shape)} and group_ids {tuple(group_ids.shape)} must be equal 1-D"
+        )
+    if std_mode not in ("global", "group"):
+        raise ValueError(f"std_mode must be 'global' or 'group', got {std_mode!r}")
+    r = rewards.double()  # float64: a group mean of near-equal rewards loses digits in fp32
+    values = torch.zeros_like(r)
+    keep = torch.zeros_like(r, dtype=torch.bool)
+    global_std = r.std(unbiased=False)
+    groups = torch.unique(group_ids)
+    dropped = 0
+    for g in groups:
+        rows = group_ids == g
+        rg = r[rows]
+        if torch.all(rg == rg[0]):
+            dropped += 1
+            continue
+        std = global_std if std_mode == "global" else rg.std(unbiased=False)
+        values[rows] = (rg - rg.mean()) / (std + eps)
+        keep[rows] = True
+    values = values.clamp(-clip, clip).float()
+    return Advantages(values, keep, len(groups), dropped)
+
+
+def combine_advantages(
+    rewards: Mapping[str, torch.Tensor],
+    weights: Mapping[str, float],
+    group_ids: torch.Tensor,
+    rule: CombineRule = "advantages",
+    std_mode: StdMode = "global",
+    clip: float = 5.0,
+    eps: float = 1e-4,
+) -> Advantages:
+    """Advantages from several named rewards ``{name: [N]}`` with ``weights[name]``.
+
+    * ``"rewards"``: ``A = adv(sum_k w_k r_k)``.
+    * ``"advantages"`` (SOLACE's hybrid rule): ``A = sum_k w_k adv(r_k)``; a group is
+      dropped only if every reward is flat in it.
+    """
+    if set(rewards) != set(weights):
+        raise ValueError(
+            f"rewards {sorted(rewards)} and weights {sorted(weights)} must name the same rewards"
+        )
+    if rule == "rewards":
+        total = sum(weights[k] * rewards[k].double() for k in rewards)
+        return group_advantages(total, group_ids, std_mode, clip, eps)
+    if rule != "advantages":
+        raise ValueError(f"combine rule must be 'advantages' or 'rewards', got {rule!r}")
+    parts = {k: group_advantages(r, group_ids, std_mode, clip, eps) for k, r in rewards.items()}
+    weighted = {k: weights[k] * p.values for k, p in parts.items()}
+    keep = torch.stack([p.keep for p in parts.values()]).any(dim=0)
+    dropped = len(torch.unique(group_ids[~keep]))
+    return Advantages(
+        sum(weighted.values()), keep, len(torch.unique(group_ids)), dropped, parts=weighted
+    )
+
+
+def policy_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_range: float,
+    kl: torch.Tensor | None = None,
+    beta: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The clipped surrogate of one trained step, plus ``beta * KL``.
+
+    ``ratio = exp(logp - logp_old)``,
+    ``L = mean(max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps))) + beta * mean(KL)``.
+    All inputs ``[N]``. Returns the scalar loss and detached per-batch metrics.
+    """
+    # fp32: log-probs are per-element means and differ by ~1e-4 between policies.
+    ratio = torch.exp(log_prob.float() - old_log_prob.float())  # [N]
+    adv = advantages.float()  # [N]
+    unclipped = -adv * ratio  # [N]
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)  # [N]
+    policy = torch.maximum(unclipped, clipped).mean()
+    loss = policy
+    kl_mean = torch.zeros((), device=ratio.device)
+    if kl is not None:
+        kl_mean = kl.float().mean()
+        loss = loss + beta * kl_mean
+    with torch.no_grad():
+        metrics = {
+            "loss/policy": policy.detach(),
+            "loss/kl": kl_mean.detach(),
+            "loss/total": loss.detach(),
+            "loss/ratio_mean": ratio.mean(),
+            "loss/ratio_min": ratio.min(),
+            "loss/ratio_max": ratio.max(),
+            "loss/clip_fraction": ((ratio - 1.0).abs() > clip_range).float().mean(),
+            "loss/approx_kl": 0.5 * ((log_prob - old_log_prob).float() ** 2).mean(),
+        }
+    return loss, metrics
+
+
+def advantage_metrics(adv: Advantages) -> dict[str, float]:
+    """Flat ``reward/``-namespaced statistics of one step's advantages."""
+    kept = adv.values[adv.keep]
+    out = {
+        "reward/groups": float(adv.num_groups),
+        "reward/groups_dropped": float(adv.num_dropped_groups),
+        "reward/adv_mean": float(kept.mean()) if len(kept) else 0.0,
+        "reward/adv_std": float(kept.std(unbiased=False)) if len(kept) else 0.0,
+        "reward/adv_abs_max": float(kept.abs().max()) if len(kept) else 0.0,
+    }
+    total = sum(p.abs() for p in adv.parts.values()) if adv.parts else None
+    for name, part in adv.parts.items():
+        share = (part.abs()[adv.keep].sum() / total[adv.keep].sum().clamp_min(1e-12))
+        out[f"reward/{name}/adv_share"] = float(share)
+    return out

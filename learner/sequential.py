@@ -1,0 +1,208 @@
+"""Flow-GRPO with the SOLACE reward in one process: sample, then score, then train.
+
+This is the loop the reference implementations run, with no Ray and no DeepSpeed. It
+is the readable statement of what the distributed service computes, and the baseline
+it is benchmarked against.
+
+    python -m learner.sequential [--config FILE] [--set section.field=value ...]
+
+With no ``--config`` it runs ``configs/tiny_solace.yaml``, the CPU-sized tiny default.
+
+Deviations from the reference (Flow-GRPO's train_sd3.py):
+
+* One optimizer step per training step and inner epoch: gradients accumulate over all
+  (micro-batch x trained step) pairs of the step; ``micro_batch`` only bounds memory.
+* Groups whose rewards are all equal are not trained on (counted in the metrics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from learner.config import Config, ModelConfig, load_config
+from learner.grpo import advantage_metrics, combine_advantages, policy_loss
+from learner.prompts import PromptCursor, load_prompts
+from policy.logprob import reference_kl, step_log_prob, trained_steps
+from policy.pipeline import add_lora, load_pipeline, save_lora
+from policy.sampler import (
+    PROBE_STREAM,
+    Conditioning,
+    Rollout,
+    conditional_velocity,
+    derive_seed,
+    encode_prompts,
+    sample_rollout,
+    sample_seed,
+    suffix_window,
+)
+from policy.tiny import build_tiny_pipeline
+from rewards.self_confidence import self_confidence
+
+DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "tiny_solace.yaml")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_policy_pipeline(model: ModelConfig):
+    """The frozen SD3 pipeline named by the config (LoRA is attached by the caller)."""
+    if model.num_threads:
+        torch.set_num_threads(model.num_threads)
+    if model.path == "tiny-random":
+        pipe = build_tiny_pipeline(seed=0)
+        if (model.device, model.dtype) != ("cpu", "float32"):  # built on the CPU in fp32
+            pipe.to(model.device, DTYPES[model.dtype])
+        for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+            module.requires_grad_(False)
+        return pipe
+    return load_pipeline(model.path, dtype=DTYPES[model.dtype], device=model.device)
+
+
+@dataclass
+class Batch:
+    """One step's samples: the rollout, its conditioning and its group ids."""
+
+    rollout: Rollout
+    cond: Conditioning
+    group_ids: torch.Tensor  # [N]
+
+
+def sample_step(pipe, cfg: Config, cursor: PromptCursor, step: int, negative: Conditioning) -> Batch:
+    """Draw ``prompts_per_step`` prompts and sample ``group_size`` trajectories of each."""
+    g = cfg.grpo.group_size
+    picked = cursor.take(cfg.grpo.prompts_per_step)
+    prompts = [row["prompt"] for _, row in picked for _ in range(g)]
+    ids = torch.tensor([index for index, _ in picked for _ in range(g)])
+    seeds = torch.tensor(
+        [sample_seed(cfg.seed, step, index, i) for index, _ in picked for i in range(g)]
+    )
+    cond = encode_prompts(pipe, prompts, cfg.model.max_sequence_length)
+    rollout = sample_rollout(pipe, prompts, seeds, cfg.sampler.spec(), prompt_ids=ids, cond=cond,
+                             negative=negative, weight_version=step)
+    # Group ids are positions within the step, so a prompt drawn twice forms two groups.
+    group_ids = torch.arange(len(picked)).repeat_interleave(g)
+    return Batch(rollout, cond, group_ids)
+
+
+def score_step(pipe, cfg: Config, batch: Batch, step: int) -> torch.Tensor:
+    """SOLACE self-confidence of every sample, with the current policy and no CFG."""
+    sc = cfg.self_confidence
+    sigmas = batch.rollout.sigmas
+    window = suffix_window(cfg.sampler.num_steps - 1, sc.probe_fraction)
+    generator = torch.Generator().manual_seed(derive_seed(cfg.seed, PROBE_STREAM, step))
+    out = self_confidence(
+        conditional_velocity(pipe.transformer), batch.rollout.final, sigmas, batch.cond,
+        num_probes=sc.num_probes, probe_window=window, delta=sc.delta,
+        aggregation=sc.aggregation, group_ids=batch.group_ids, generator=generator,
+    )
+    return out.reward
+
+
+def update_step(pipe, cfg: Config, batch: Batch, advantages, negative, optimizer, params) -> dict:
+    """One Flow-GRPO update over the step's kept samples and trained steps."""
+    gr = cfg.grpo
+    keep = advantages.keep.nonzero().flatten()
+    steps = trained_steps(batch.rollout, gr.train_fraction)
+    sums: dict[str, float] = {}
+    terms = 0
+    ratio_min, ratio_max = float("inf"), float("-inf")
+    for epoch in range(gr.inner_epochs):
+        optimizer.zero_grad(set_to_none=True)
+        for chunk in keep.split(gr.micro_batch):
+            cond = batch.cond.select(chunk)
+            for j in steps:
+                # log pi_theta(x_{j+1} | x_j) through the sampler's own step (ratio 1 on-policy)
+                new = step_log_prob(pipe.transformer, batch.rollout, j, cond, negative, chunk)
+                kl = None
+                if gr.beta > 0:  # the reference is the same transformer, adapter disabled
+                    kl = reference_kl(pipe.transformer, batch.rollout, j, cond, negative, new,
+                                      chunk, form=gr.kl_form)
+                loss, m = policy_loss(new.log_prob, batch.rollout.log_probs[chunk, j],
+                                      advantages.values[chunk], gr.clip_range, kl, gr.beta)
+                # Weight by the chunk's share so the accumulated gradient is the step mean.
+                (loss * len(chunk) / (len(keep) * len(steps))).backward()
+                for k, v in m.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                terms += 1
+                ratio_min = min(ratio_min, float(m["loss/ratio_min"]))
+                ratio_max = max(ratio_max, float(m["loss/ratio_max"]))
+                if epoch == 0 and j == steps[0]:
+                    # Nothing has been updated yet this step: on-policy this is exactly 1.
+                    dev = max(abs(ratio_max - 1), abs(1 - ratio_min))
+                    sums["_first_dev"] = max(sums.get("_first_dev", 0.0), dev)
+        norm = torch.nn.utils.clip_grad_norm_(params, gr.max_grad_norm)
+        optimizer.step()
+    metrics = {k: v / terms for k, v in sums.items() if not k.startswith("_")}
+    metrics.update({
+        "loss/ratio_min": ratio_min, "loss/ratio_max": ratio_max,
+        "loss/first_ratio_max_dev": sums["_first_dev"], "loss/grad_norm": float(norm),
+    })
+    return metrics
+
+
+def train(cfg: Config, run_dir: Path | None = None) -> Path:
+    """Run ``cfg.train.steps`` Flow-GRPO steps; returns the run directory."""
+    torch.manual_seed(cfg.seed)
+    run_dir = run_dir or Path(cfg.train.out_dir) / time.strftime("sequential-%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+    pipe = build_policy_pipeline(cfg.model)
+    params_names = add_lora(pipe.transformer, cfg.lora.spec(cfg.seed))
+    named = dict(pipe.transformer.named_parameters())
+    params = [named[n] for n in params_names]
+    optimizer = torch.optim.AdamW(params, lr=cfg.grpo.lr, weight_decay=cfg.grpo.weight_decay)
+    cursor = PromptCursor(load_prompts(cfg.train.prompts), cfg.seed)
+    negative = encode_prompts(pipe, [""], cfg.model.max_sequence_length)
+
+    with open(run_dir / "metrics.jsonl", "w") as log:
+        for step in range(cfg.train.steps):
+            t0 = time.perf_counter()
+            batch = sample_step(pipe, cfg, cursor, step, negative)  # prompts -> rollouts
+            t1 = time.perf_counter()
+            reward = score_step(pipe, cfg, batch, step)  # rollouts -> self-confidence
+            t2 = time.perf_counter()
+            adv = combine_advantages(  # rewards -> advantages
+                {"self_confidence": reward}, {"self_confidence": cfg.self_confidence.weight},
+                batch.group_ids, cfg.grpo.combine, cfg.grpo.std_mode, cfg.grpo.adv_clip,
+                cfg.grpo.adv_eps,
+            )
+            metrics = update_step(pipe, cfg, batch, adv, negative, optimizer, params) if adv.keep.any() else {}
+            t3 = time.perf_counter()
+            metrics.update(advantage_metrics(adv))
+            metrics.update({
+                "step": step,
+                "reward/self_confidence/mean": float(reward.mean()),
+                "reward/self_confidence/std": float(reward.std(unbiased=False)),
+                "timing/rollout_s": t1 - t0, "timing/score_s": t2 - t1, "timing/update_s": t3 - t2,
+                "rollout/samples_per_s": len(batch.group_ids) / (t3 - t0),
+            })
+            log.write(json.dumps(metrics) + "\n")
+            log.flush()
+            print(f"step {step:4d}  reward {metrics['reward/self_confidence/mean']:+.4f}  "
+                  f"loss {metrics.get('loss/total', float('nan')):+.5f}  "
+                  f"kl {metrics.get('loss/kl', 0.0):.2e}  {metrics['rollout/samples_per_s']:.1f} samples/s",
+                  flush=True)
+    save_lora(pipe, run_dir / "lora")
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML preset (default: {DEFAULT_CONFIG})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="dotted override, e.g. train.steps=5")
+    parser.add_argument("--run-dir", type=Path, help="where to write (default: runs/<time>)")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    run_dir = train(cfg, args.run_dir)
+    print(f"run directory: {run_dir}")
+
+
+if __name__ == "__main__":
+    main()
