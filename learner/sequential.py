@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from learner.config import Config, ModelConfig, load_config
+from learner.config import Config, load_config
 from learner.grpo import advantage_metrics, combine_advantages, policy_loss
 from learner.prompts import PromptCursor, load_prompts
 from policy.logprob import reference_kl, step_log_prob, trained_steps
-from policy.pipeline import add_lora, load_pipeline, save_lora
+from policy.pipeline import add_lora, build_pipeline, save_lora
 from policy.sampler import (
     PROBE_STREAM,
     Conditioning,
@@ -42,25 +42,9 @@ from policy.sampler import (
     sample_seed,
     suffix_window,
 )
-from policy.tiny import build_tiny_pipeline
 from rewards.self_confidence import self_confidence
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "tiny_solace.yaml")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def build_policy_pipeline(model: ModelConfig):
-    """The frozen SD3 pipeline named by the config (LoRA is attached by the caller)."""
-    if model.num_threads:
-        torch.set_num_threads(model.num_threads)
-    if model.path == "tiny-random":
-        pipe = build_tiny_pipeline(seed=0)
-        if (model.device, model.dtype) != ("cpu", "float32"):  # built on the CPU in fp32
-            pipe.to(model.device, DTYPES[model.dtype])
-        for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
-            module.requires_grad_(False)
-        return pipe
-    return load_pipeline(model.path, dtype=DTYPES[model.dtype], device=model.device)
 
 
 @dataclass
@@ -152,7 +136,7 @@ def train(cfg: Config, run_dir: Path | None = None) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
-    pipe = build_policy_pipeline(cfg.model)
+    pipe = build_pipeline(cfg.model.path, cfg.model.dtype, cfg.model.device, cfg.model.num_threads)
     params_names = add_lora(pipe.transformer, cfg.lora.spec(cfg.seed))
     named = dict(pipe.transformer.named_parameters())
     params = [named[n] for n in params_names]

@@ -18,6 +18,8 @@ from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from policy.tiny import build_tiny_pipeline
+
 MODEL_INDEX = "model_index.json"
 
 
@@ -48,6 +50,33 @@ def load_pipeline(
     for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
         if module is not None:
             module.eval()
+    return pipe
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TINY_RANDOM = "tiny-random"
+
+
+def build_pipeline(
+    path: str, dtype: str = "float32", device: str = "cpu", num_threads: int = 0
+) -> StableDiffusion3Pipeline:
+    """The frozen pipeline named by a config: a diffusers dir or hub id, or ``tiny-random``.
+
+    ``tiny-random`` builds the offline tiny random-weight pipeline of ``policy.tiny``
+    (seed 0: the model's identity does not depend on the run seed). ``num_threads > 0``
+    sets torch's CPU threads, which inside a Ray actor default to the actor's num_cpus.
+    """
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if path != TINY_RANDOM:
+        return load_pipeline(path, dtype=DTYPES[dtype], device=device)
+    pipe = build_tiny_pipeline(seed=0)
+    if (device, dtype) != ("cpu", "float32"):  # it is built on the CPU in fp32
+        pipe.to(device, DTYPES[dtype])
+    for module in _modules(pipe):
+        module.requires_grad_(False)
     return pipe
 
 
