@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -101,6 +101,27 @@ class Rollout:
     def final(self) -> torch.Tensor:
         """The generated latents ``z0``: ``[B, C, H, W]``."""
         return self.latents[:, -1]
+
+    _ARRAYS = ("latents", "log_probs", "sigmas", "seeds", "prompt_ids")
+
+    def numpy(self) -> Rollout:
+        """A copy holding numpy arrays, which Ray's object store passes zero-copy."""
+        arrays = {k: getattr(self, k).detach().cpu().numpy() for k in self._ARRAYS}
+        return replace(self, **arrays)
+
+    def torch(self, device: str | torch.device = "cpu") -> Rollout:
+        """A copy holding torch tensors (from numpy arrays or tensors)."""
+        arrays = {k: torch.as_tensor(getattr(self, k)).to(device) for k in self._ARRAYS}
+        return replace(self, **arrays)
+
+    def select(self, index: torch.Tensor | slice) -> Rollout:
+        """The samples at ``index`` (a torch rollout)."""
+        idx = index.tolist() if isinstance(index, torch.Tensor) else range(len(self))[index]
+        return replace(
+            self, latents=self.latents[index], log_probs=self.log_probs[index],
+            seeds=self.seeds[index], prompt_ids=self.prompt_ids[index],
+            prompts=[self.prompts[i] for i in idx],
+        )
 
 
 def sd3_sigmas(num_steps: int, shift: float = 3.0, num_train_timesteps: int = 1000) -> torch.Tensor:

@@ -131,3 +131,14 @@ def test_self_confidence_on_the_pipeline_uses_no_cfg(pipe):
     # One forward of K*B per probe step, never the 2*K*B of a CFG batch.
     assert batches == [4 * 6] * len(out.probe_steps)
     assert out.reward.shape == (6,) and torch.isfinite(out.reward).all()
+
+
+def test_rollout_numpy_round_trip_and_select(pipe):
+    rollout = _rollout(pipe, SamplerSpec(num_steps=3, guidance_scale=4.5))
+    as_numpy = rollout.numpy()
+    assert type(as_numpy.latents).__module__ == "numpy" and as_numpy.prompts == rollout.prompts
+    back = as_numpy.torch()
+    for name in ("latents", "log_probs", "sigmas", "seeds", "prompt_ids"):
+        assert torch.equal(getattr(back, name), getattr(rollout, name))
+    part = rollout.select(torch.tensor([1, 4]))
+    assert torch.equal(part.latents, rollout.latents[[1, 4]]) and part.prompts == [PROMPTS[1], PROMPTS[4]]
