@@ -1,0 +1,1 @@
+"""Shapes world and ShapesEval: the project's in-house GenEval."""

@@ -1,0 +1,392 @@
+"""ShapesEval: GenEval's grading rules with a colour-and-geometry detector.
+
+The detector is pure numpy: classify each pixel through a colour lookup table,
+label 8-connected foreground components for the whole batch at once, measure a
+few geometric features per component and match them to one prototype per class.
+The grading (`judge`) follows GenEval's `evaluation/evaluate_images.py::evaluate`.
+
+Deviations from GenEval:
+* Detection by colour and geometry instead of Mask2Former: each pixel is explained
+  as a palette colour mixed with the white background (colour + coverage); objects
+  are connected components of >= 50 % coverage; their class is the nearest of four
+  prototypes over six coverage-map features.
+* Colour by a vote of the object's solid pixels over the 6 palette colours, plus an
+  "off-palette" bucket that never matches a prompt, instead of CLIP over 10 colours.
+* Detection "confidence" (which orders a class's objects, as GenEval's detector
+  scores do) is the shape-prototype margin d2 / (d1 + d2); blobs far from every
+  prototype are not objects, as low-scoring detections are dropped in GenEval.
+  No separate, higher confidence threshold for counting.
+* Include clauses, as in GenEval, need at least `count` objects; exact counts come
+  only from exclude clauses (counting tag). Colour and position are checked on the
+  first `count` objects of the class.
+* Adds `partial` credit, which GenEval does not have: mean over include clauses of
+  the mean of their parts (count found / count, fraction with the right colour,
+  fraction of object pairs in the right relation), times (count - 1) / found for
+  each violated exclude clause. It is 1 exactly when `strict` is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from rewards.shapes.world import (
+    CLASSES,
+    COLORS,
+    PALETTE,
+    POSITION_THRESHOLD,
+    TAGS,
+    relative_position,
+)
+
+# Pixel model: every pixel is alpha * c + (1 - alpha) * white for the palette colour
+# c that fits it best. c is the pixel's colour and alpha its coverage, so
+# anti-aliased fringes keep their colour and every colour gets the same threshold.
+FG_ALPHA = 0.5  # foreground for labelling
+SOLID_ALPHA = 0.75  # the pixels trusted for the colour vote
+NOISE_ALPHA = 0.2  # coverage below this is background noise in the soft shape features
+OFF_PALETTE_DIST = 60.0  # RGB distance from the best mix above which a pixel has no colour
+OFF_PALETTE = len(COLORS) + 1  # colour code 7; codes 1-6 are COLORS, 0 is background
+MIN_AREA_64 = 20  # smaller components (pixels at 64x64) are noise; the smallest shape has ~60
+
+# Shape features from the component's coverage map (soft, so a half-covered edge row
+# counts half instead of flipping with the noise): fill of the box, of its top and
+# bottom thirds, log aspect w/h, fill of the top and bottom corner cells (a quarter
+# of the box each way). Corners tell squares from circles (1 vs ~0.4) and triangles
+# from stars (bottom corners ~0.85 vs ~0.3).
+FEATURE_NAMES = ("fill", "top_third", "bottom_third", "log_aspect", "top_corners", "bottom_corners")
+# Class means and pooled within-class std over clean and perturbed renders
+# (`rewards.shapes.benchmark.measure_prototypes`); distances are in std units.
+PROTOTYPES = np.array([
+    [0.775, 0.677, 0.677, 0.000, 0.312, 0.313],  # circle
+    [0.976, 0.971, 0.971, 0.000, 0.955, 0.955],  # square
+    [0.577, 0.250, 0.899, 0.113, 0.001, 0.891],  # triangle
+    [0.529, 0.275, 0.514, 0.036, 0.004, 0.302],  # star
+], dtype=np.float32)
+FEATURE_STD = np.array([0.029, 0.038, 0.031, 0.017, 0.025, 0.047], dtype=np.float32)
+# In stds; perturbed renders reach ~7, a diamond ~11.5, a hexagon 8 (it passes as a circle).
+MAX_SHAPE_DIST = 10.0
+
+
+def _build_luts() -> tuple[np.ndarray, np.ndarray]:
+    """Tables over RGB quantised to 6 bits per channel (2**18 entries).
+
+    Returns (code uint8, alpha float32). code & 7: 0 background, 1-6 palette colour,
+    7 off-palette; code & 8: solid. Tables make the per-pixel work one gather.
+    """
+    v = np.arange(64, dtype=np.float32) * 4 + 1.5  # bin centres
+    ink = 255 - np.stack(np.meshgrid(v, v, v, indexing="ij"), axis=-1).reshape(-1, 3)  # [M,3]
+    pal_ink = 255 - np.array([PALETTE[c] for c in COLORS], dtype=np.float32)  # [6,3]
+    # alpha: projection of the pixel's ink on each colour's ink, clipped to [0, 1]
+    alpha = np.clip(ink @ pal_ink.T / (pal_ink**2).sum(axis=1), 0.0, 1.0)  # [M,6]
+    resid = np.linalg.norm(ink[:, None, :] - alpha[..., None] * pal_ink[None], axis=-1)  # [M,6]
+    best = resid.argmin(axis=1)
+    a = alpha[np.arange(len(ink)), best]
+    colour = np.where(resid.min(axis=1) <= OFF_PALETTE_DIST, best + 1, OFF_PALETTE)
+    # off-palette ink (gray, black, ...) is foreground by its strongest channel
+    a = np.where(colour == OFF_PALETTE, ink.max(axis=1) / 255, a)
+    code = np.where(a >= FG_ALPHA, colour + 8 * (a >= SOLID_ALPHA), 0)
+    return code.astype(np.uint8), a.astype(np.float32)
+
+
+_CODE_LUT, _ALPHA_LUT = _build_luts()
+
+
+@dataclass
+class Detection:
+    """One detected object."""
+
+    shape: str | None  # None: a blob unlike every class prototype (not counted)
+    color: str | None  # None: no solid pixels, or mostly off-palette
+    confidence: float  # prototype margin in [0.5, 1]; orders objects like GenEval's scores
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels, x1/y1 exclusive
+    area: int  # foreground pixels
+
+
+@dataclass
+class ImageDetails:
+    """What was found in one image and why it failed (empty `failures` = correct)."""
+
+    objects: list[Detection] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ShapesScores:
+    """Grades of a batch of N images."""
+
+    strict: np.ndarray  # bool [N]: GenEval's correct / incorrect
+    partial: np.ndarray  # float32 [N] in [0, 1]; 1 iff strict
+    details: list[ImageDetails]
+
+
+def pixel_maps(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 [N,H,W,3] -> (code uint8 [N,H,W], alpha float32 [N,H,W]); see `_build_luts`."""
+    q = (images >> 2).astype(np.int32)
+    idx = (q[..., 0] << 12) | (q[..., 1] << 6) | q[..., 2]
+    return _CODE_LUT[idx], _ALPHA_LUT[idx]
+
+
+def label_components(fg: np.ndarray) -> np.ndarray:
+    """8-connected components of a bool [N,H,W] batch.
+
+    Returns int32 [N,H,W]: for each foreground pixel the flat index of the
+    smallest-index pixel of its component, -1 on background. Min-propagation over
+    3x3 neighbourhoods plus pointer jumping (a label is itself a pixel index, so a
+    pixel may adopt its label's label), which converges in a few dozen passes.
+    """
+    n, h, w = fg.shape
+    big = np.iinfo(np.int32).max
+    lab = np.where(fg, np.arange(n * h * w, dtype=np.int32).reshape(n, h, w), big)
+    pad = np.full((n, h + 2, w + 2), big, dtype=np.int32)
+    fg_flat = fg.ravel()
+    while True:
+        pad[:, 1:-1, 1:-1] = lab
+        row = np.minimum(np.minimum(pad[:, :, :-2], pad[:, :, 1:-1]), pad[:, :, 2:])
+        new = np.minimum(np.minimum(row[:, :-2], row[:, 1:-1]), row[:, 2:])
+        new = np.where(fg, new, big)
+        flat = new.ravel()
+        for _ in range(2):
+            flat[fg_flat] = flat[flat[fg_flat]]
+        if np.array_equal(new, lab):
+            return np.where(fg, lab, -1)
+        lab = new
+
+
+def _boxes(y: np.ndarray, x: np.ndarray, comp: np.ndarray, k: int) -> np.ndarray:
+    """int [K,4] bounding boxes (x0, y0, x1, y1; x1/y1 exclusive) of each component's pixels."""
+    x0, y0 = np.full(k, 1 << 30), np.full(k, 1 << 30)
+    x1, y1 = np.full(k, -1), np.full(k, -1)
+    np.minimum.at(x0, comp, x)
+    np.minimum.at(y0, comp, y)
+    np.maximum.at(x1, comp, x + 1)
+    np.maximum.at(y1, comp, y + 1)
+    return np.stack([x0, y0, x1, y1], axis=1)
+
+
+def _coverage_crops(alpha: np.ndarray, labels: np.ndarray, roots: np.ndarray,
+                    boxes: np.ndarray) -> np.ndarray:
+    """float32 [K,Hc,Wc]: each component's coverage in its box grown by 1 px (top-left aligned,
+    zero padded), relative to its peak. Other components' pixels are zeroed; unlabelled
+    fringe pixels are kept."""
+    n, h, w = alpha.shape
+    img = roots // (h * w)
+    hc, wc = int((boxes[:, 3] - boxes[:, 1]).max()) + 2, int((boxes[:, 2] - boxes[:, 0]).max()) + 2
+    yy = boxes[:, 1:2] - 1 + np.arange(hc)  # [K,Hc]
+    xx = boxes[:, 0:1] - 1 + np.arange(wc)  # [K,Wc]
+    inside = (((yy >= 0) & (yy < h) & (yy <= boxes[:, 3:4]))[:, :, None]
+              & ((xx >= 0) & (xx < w) & (xx <= boxes[:, 2:3]))[:, None, :])
+    at = (img[:, None, None], yy.clip(0, h - 1)[:, :, None], xx.clip(0, w - 1)[:, None, :])
+    lab = labels[at]
+    a = np.where(inside & ((lab == roots[:, None, None]) | (lab < 0)), alpha[at], 0.0)
+    a = np.where(a >= NOISE_ALPHA, a, 0.0)
+    # Off-palette or pale objects never reach alpha 1: measure coverage relative to the peak.
+    return (a / a.max(axis=(1, 2), keepdims=True)).astype(np.float32)
+
+
+def _band(profile: np.ndarray, length: np.ndarray, from_end: bool) -> np.ndarray:
+    """Fraction [K,L] of each row (or column) inside the first (or last) `length` units of
+    the soft extent, where row i spans `profile[:, i]` units (its peak coverage)."""
+    end = np.cumsum(profile, axis=1)
+    start = end - profile
+    if from_end:
+        total = end[:, -1:]
+        start, end = total - end, total - start
+    return np.clip((length[:, None] - start) / np.maximum(profile, 1e-6), 0.0, 1.0)
+
+
+def shape_features(a: np.ndarray) -> np.ndarray:
+    """Coverage crops float32 [K,Hc,Wc] -> features float32 [K,6] (see FEATURE_NAMES)."""
+    cols, rows = a.max(axis=1), a.max(axis=2)  # [K,Wc], [K,Hc]: soft extent per column / row
+    w, h = cols.sum(axis=1), rows.sum(axis=1)  # [K]: soft width and height
+    row_mass = a.sum(axis=2)  # [K,Hc]
+    top3, bottom3 = _band(rows, h / 3, False), _band(rows, h / 3, True)
+    top4, bottom4 = _band(rows, h / 4, False), _band(rows, h / 4, True)
+    sides = _band(cols, w / 4, False) + _band(cols, w / 4, True)  # [K,Wc]
+    corner = 2 * (w / 4) * (h / 4)
+    return np.stack([
+        a.sum(axis=(1, 2)) / (w * h),
+        (top3 * row_mass).sum(axis=1) / (w * h / 3),
+        (bottom3 * row_mass).sum(axis=1) / (w * h / 3),
+        np.log(w / h),
+        np.einsum("khw,kh,kw->k", a, top4, sides) / corner,
+        np.einsum("khw,kh,kw->k", a, bottom4, sides) / corner,
+    ], axis=1).astype(np.float32)
+
+
+def classify_shapes(feats: np.ndarray) -> tuple[list[str | None], np.ndarray]:
+    """Nearest prototype per component -> (class or None, confidence float [K])."""
+    d = np.linalg.norm((feats[:, None, :] - PROTOTYPES[None]) / FEATURE_STD, axis=-1)  # [K,4]
+    d1, d2 = np.sort(d, axis=1)[:, :2].T
+    conf = d2 / (d1 + d2 + 1e-9)
+    nearest = d.argmin(axis=1)
+    shapes = [CLASSES[i] if dist <= MAX_SHAPE_DIST else None
+              for i, dist in zip(nearest, d1, strict=True)]
+    return shapes, conf
+
+
+def _colours(codes: np.ndarray, comp: np.ndarray, k: int) -> list[str | None]:
+    """Majority colour of each component's solid pixels (None: none solid, or off-palette)."""
+    votes = np.bincount(comp * 8 + (codes & 7), weights=codes >> 3, minlength=8 * k).reshape(k, 8)
+    best = votes[:, 1:].argmax(axis=1) + 1
+    return [COLORS[b - 1] if v > 0 and b != OFF_PALETTE else None
+            for b, v in zip(best, votes[:, 1:].sum(axis=1), strict=True)]
+
+
+@dataclass
+class Components:
+    """The K foreground components of a batch that are big enough to be objects."""
+
+    image: np.ndarray  # int [K]: which image each is in
+    boxes: np.ndarray  # int [K,4]: x0, y0, x1, y1 (exclusive)
+    area: np.ndarray  # int [K]: foreground pixels
+    features: np.ndarray  # float32 [K,6]: see FEATURE_NAMES
+    colors: list[str | None]
+
+
+def find_components(images: np.ndarray) -> Components:
+    """uint8 [N,H,W,3] -> components with their boxes, shape features and colours."""
+    n, h, w, _ = images.shape
+    codes, alpha = pixel_maps(images)
+    labels = label_components(codes > 0)
+    flat = labels.ravel()
+    pix = np.flatnonzero(flat >= 0)
+    roots, comp = np.unique(flat[pix], return_inverse=True)
+    area = np.bincount(comp, minlength=len(roots))
+    keep = area >= MIN_AREA_64 * h * w / 4096
+    # drop noise components before measuring, renumber the survivors 0..K-1
+    sel = keep[comp]
+    pix, comp, roots, area = pix[sel], (np.cumsum(keep) - 1)[comp[sel]], roots[keep], area[keep]
+    if len(roots) == 0:
+        return Components(roots, np.zeros((0, 4), int), area, np.zeros((0, 6), np.float32), [])
+    boxes = _boxes((pix // w) % h, pix % w, comp, len(roots))
+    features = shape_features(_coverage_crops(alpha, labels, roots, boxes))
+    colours = _colours(codes.ravel()[pix], comp, len(roots))
+    return Components(roots // (h * w), boxes, area, features, colours)
+
+
+def detect(images: np.ndarray) -> list[list[Detection]]:
+    """uint8 [N,H,W,3] -> per image, detections sorted by confidence (highest first)."""
+    comps = find_components(images)
+    shapes, conf = classify_shapes(comps.features)
+    out: list[list[Detection]] = [[] for _ in range(len(images))]
+    for j, i in enumerate(comps.image):
+        box = tuple(float(v) for v in comps.boxes[j])
+        out[i].append(Detection(shapes[j], comps.colors[j], float(conf[j]), box, int(comps.area[j])))
+    for dets in out:
+        dets.sort(key=lambda d: -d.confidence)
+    return out
+
+
+def _include_clause(req: dict, by_class: dict[str, list[Detection]],
+                    matched: list[list[Detection] | None], found_groups: list[list[Detection]],
+                    threshold: float) -> tuple[list[Detection], bool, float, list[str]]:
+    """One include clause, GenEval's way -> (its first `count` objects, passed, soft score,
+    failure reasons). `matched` holds earlier clauses' objects (None if they failed),
+    `found_groups` the same objects regardless of failure, for the soft score."""
+    cls, count = req["class"], req["count"]
+    found = by_class.get(cls, [])[:count]
+    failures = [] if len(found) >= count else [
+        f"expected {cls}>={count}, found {len(by_class.get(cls, []))}"]
+    parts = [len(found) / count]
+    if "color" in req:
+        n_col = sum(d.color == req["color"] for d in found)
+        parts.append(n_col / count)
+        if not failures and n_col < count:
+            failures.append(f"expected {req['color']} {cls}>={count}, found {n_col} "
+                            f"{req['color']}; colours {[d.color for d in found]}")
+    if "position" in req:
+        rel, target = req["position"]
+        rels = [relative_position(d.box, t.box, threshold)
+                for d in found for t in found_groups[target]]
+        parts.append(float(np.mean([rel in r for r in rels])) if rels else 0.0)
+        if not failures and matched[target] is None:
+            failures.append(f"no target for {cls} to be {rel}")
+        elif not failures and not all(rel in r for r in rels):
+            failures.append(f"expected {cls} {rel} target, found {[sorted(r) for r in rels]}")
+    return found, not failures, float(np.mean(parts)), failures
+
+
+def judge(objects: list[Detection], metadata: dict, threshold: float = POSITION_THRESHOLD
+          ) -> tuple[bool, float, list[str]]:
+    """GenEval's `evaluate` on our detections -> (strict, partial, failure reasons).
+
+    Include clauses are ANDed, exclude clauses ORed, as in GenEval.
+    """
+    by_class: dict[str, list[Detection]] = {}
+    for d in objects:  # already sorted by confidence, as GenEval's per-class lists are
+        if d.shape is not None:
+            by_class.setdefault(d.shape, []).append(d)
+    failures: list[str] = []
+    scores: list[float] = []
+    matched: list[list[Detection] | None] = []  # GenEval's matched_groups
+    found_groups: list[list[Detection]] = []
+    for req in metadata["include"]:
+        found, ok, score, why = _include_clause(req, by_class, matched, found_groups, threshold)
+        matched.append(found if ok else None)
+        found_groups.append(found)
+        scores.append(score)
+        failures += why
+    factor = 1.0
+    for req in metadata.get("exclude", []):
+        n = len(by_class.get(req["class"], []))
+        if n >= req["count"]:
+            failures.append(f"expected {req['class']}<{req['count']}, found {n}")
+            factor *= (req["count"] - 1) / n  # < 1, and falls as extra objects pile up
+    partial = float(np.mean(scores)) * factor if scores else factor
+    return not failures, partial, failures
+
+
+def _as_batch(images: np.ndarray | list) -> np.ndarray:
+    """Stack a list of uint8 arrays or PIL images into uint8 [N,H,W,3]; fail loudly otherwise."""
+    if isinstance(images, list):
+        images = np.stack([np.asarray(im.convert("RGB") if isinstance(im, Image.Image) else im)
+                           for im in images]) if images else np.zeros((0, 64, 64, 3), np.uint8)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be uint8 [N,H,W,3], got {images.dtype} {images.shape}; "
+                         "convert floats with (x * 255).round().clip(0, 255).astype(np.uint8)")
+    return images
+
+
+class ShapesEval:
+    """Grades images against GenEval metadata (the shapes world's GenEval)."""
+
+    def __init__(self, position_threshold: float = POSITION_THRESHOLD, chunk: int = 64):
+        self.position_threshold = position_threshold  # GenEval's default 0.1
+        self.chunk = chunk  # images per detection pass: bounds the [K,Hc,Wc] crop memory
+
+    def __call__(self, images: np.ndarray | list, metadata: list[dict]) -> ShapesScores:
+        """images uint8 [N,H,W,3] (or a list of arrays / PIL images), one metadata per image."""
+        images = _as_batch(images)
+        if len(images) != len(metadata):
+            raise ValueError(f"{len(images)} images but {len(metadata)} metadata entries")
+        objects = [d for i in range(0, len(images), self.chunk)
+                   for d in detect(images[i:i + self.chunk])]
+        strict = np.zeros(len(images), dtype=bool)
+        partial = np.zeros(len(images), dtype=np.float32)
+        details = []
+        for i, (found, meta) in enumerate(zip(objects, metadata, strict=True)):
+            strict[i], partial[i], failures = judge(found, meta, self.position_threshold)
+            details.append(ImageDetails(found, failures))
+        return ShapesScores(strict, partial, details)
+
+
+_DEFAULT = ShapesEval()
+
+
+def grade(images: np.ndarray | list, metadata: list[dict]) -> ShapesScores:
+    """Grade with the default ShapesEval."""
+    return _DEFAULT(images, metadata)
+
+
+def summarize(scores: ShapesScores, metadata: list[dict]) -> dict[str, float]:
+    """GenEval's summary: strict accuracy per tag, `overall` = mean over the tags
+    present; `partial` = mean partial credit over images."""
+    tags = np.array([m["tag"] for m in metadata])
+    out = {tag: float(scores.strict[tags == tag].mean()) for tag in TAGS if np.any(tags == tag)}
+    out["overall"] = float(np.mean(list(out.values()))) if out else 0.0
+    out["partial"] = float(scores.partial.mean()) if len(scores.partial) else 0.0
+    return out
+

@@ -1,0 +1,177 @@
+"""ShapesEval: grading of rendered, perturbed and hand-built images."""
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from rewards.shapes import world
+from rewards.shapes.evaluate import (
+    ShapesEval,
+    ShapesScores,
+    detect,
+    grade,
+    label_components,
+    summarize,
+)
+from rewards.shapes.world import PALETTE, make_splits, perturb, render
+
+
+def scene(*shapes: tuple[str, str | tuple[int, int, int], tuple[int, int, int, int]],
+          size: int = 64) -> np.ndarray:
+    """Hand-drawn image, anti-aliased by 4x supersampling: (class, colour name or RGB,
+    box x0, y0, x1, y1 in pixels) per shape. Uses no renderer code but the outlines."""
+    s = 4
+    img = Image.new("RGB", (size * s, size * s), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    for cls, color, box in shapes:
+        fill = PALETTE.get(color, color)
+        x0, y0, x1, y1 = (v * s for v in box)
+        if cls == "circle":
+            draw.ellipse((x0, y0, x1, y1), fill=fill)
+        elif cls == "square":
+            draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
+        else:
+            pts = [(x0 + u * (x1 - x0), y0 + v * (y1 - y0)) for u, v in world.OUTLINES[cls]]
+            draw.polygon(pts, fill=fill)
+    return np.asarray(img.reduce(s))
+
+
+def renders(metadata: list[dict], seed: int, repeats: int = 1) -> tuple[np.ndarray, list[dict]]:
+    """`repeats` renders of every prompt, and the matching metadata list."""
+    rng = np.random.default_rng(seed)
+    metas = [m for m in metadata for _ in range(repeats)]
+    return np.stack([render(m, rng) for m in metas]), metas
+
+
+def test_every_clean_test_and_unseen_render_is_correct():
+    splits = make_splits()
+    images, metas = renders(splits["test"] + splits["unseen"], seed=0, repeats=2)
+    scores = grade(images, metas)
+    failed = [(metas[i]["prompt"], scores.details[i].failures)
+              for i in np.flatnonzero(~scores.strict)]
+    assert not failed
+    assert (scores.partial == 1.0).all()
+    assert summarize(scores, metas)["overall"] == 1.0
+
+
+def test_perturbed_test_renders_are_at_least_97_percent_correct():
+    images, metas = renders(make_splits()["test"], seed=1, repeats=3)
+    rng = np.random.default_rng(2)
+    scores = grade(np.stack([perturb(im, rng) for im in images]), metas)
+    assert scores.strict.mean() >= 0.97
+    assert summarize(scores, metas)["overall"] >= 0.97
+
+
+def test_detections_of_a_hand_drawn_scene():
+    img = scene(("square", "red", (4, 4, 20, 20)), ("circle", "blue", (40, 6, 56, 22)),
+                ("triangle", "yellow", (6, 40, 24, 56)), ("star", "green", (38, 38, 58, 57)),
+                ("square", (90, 90, 90), (26, 26, 36, 36)),  # dark gray: a shape, but no colour
+                ("square", "purple", (60, 60, 62, 62)))  # 4 px: noise, ignored
+    objects = sorted(detect(img[None])[0], key=lambda d: d.box)
+    got = [(d.shape, d.color, d.box) for d in objects]
+    # the apexes of the triangle and the star cover under half a pixel: boxes start 1 px lower
+    assert got == [("square", "red", (4, 4, 20, 20)), ("triangle", "yellow", (6, 41, 24, 56)),
+                   ("square", None, (26, 26, 36, 36)), ("star", "green", (38, 39, 58, 57)),
+                   ("circle", "blue", (40, 6, 56, 22))]
+
+
+def test_label_components_is_8_connected():
+    fg = np.zeros((2, 6, 7), dtype=bool)
+    fg[0, 0, 0] = fg[0, 1, 1] = fg[0, 2, 2] = True  # a diagonal: one component
+    fg[0, 4:, 4:] = True
+    fg[0, 0, 6] = True
+    fg[1, 0, 0:7] = fg[1, 1:6, 0] = fg[1, 1:6, 6] = True  # a U, closed at the top
+    fg[1, 3, 3] = True
+    lab = label_components(fg)
+    assert (lab[~fg] == -1).all()
+    assert [len(np.unique(lab[i][fg[i]])) for i in range(2)] == [3, 2]
+    assert lab[0, 0, 0] == lab[0, 2, 2] == 0  # the smallest flat index in the component
+    assert lab[1, 5, 0] == lab[1, 5, 6]
+
+
+def test_wrong_count_is_incorrect():
+    img = scene(*[("triangle", "red", (4 + 20 * i, 20, 18 + 20 * i, 32)) for i in range(3)])
+    scores = grade(np.stack([img] * 3), [world.counting("triangle", n) for n in (3, 4, 2)])
+    assert scores.strict.tolist() == [True, False, False]
+    assert scores.partial.tolist() == pytest.approx([1.0, 3 / 4, 2 / 3])  # 3 of 4; exclude (3-1)/3
+    assert scores.details[1].failures == ["expected triangle>=4, found 3"]
+    assert scores.details[2].failures == ["expected triangle<3, found 3"]
+
+
+def test_wrong_colour_class_and_position_are_incorrect():
+    left_of = scene(("circle", "red", (4, 24, 18, 38)), ("square", "blue", (40, 24, 54, 38)))
+    metas = [
+        world.color_attr("red", "circle", "blue", "square"),  # right
+        world.color_attr("red", "circle", "green", "square"),  # square has the wrong colour
+        world.colors("blue", "circle"),  # circle has the wrong colour
+        world.position("circle", "left of", "square"),  # right
+        world.position("circle", "right of", "square"),  # wrong relation
+        world.position("square", "left of", "circle"),  # roles swapped
+        world.two_object("circle", "star"),  # no star
+    ]
+    scores = grade(np.stack([left_of] * len(metas)), metas)
+    assert scores.strict.tolist() == [True, False, False, True, False, False, False]
+    assert scores.partial[[0, 3]].tolist() == [1.0, 1.0]
+    assert scores.partial[1] == pytest.approx(0.75)  # clause 2: count 1, colour 0
+    assert scores.partial[6] == pytest.approx(0.5)
+    assert ((scores.partial >= 0) & (scores.partial < 1))[[1, 2, 4, 5, 6]].all()
+    assert "expected green square" in scores.details[1].failures[0]
+    assert scores.details[4].failures[0].startswith("expected circle right of target")
+
+
+def test_include_counts_are_at_least_as_in_geneval():
+    # GenEval's include clause asks for >= count; only counting prompts exclude extras.
+    img = scene(("circle", "red", (4, 4, 18, 18)), ("circle", "red", (4, 40, 18, 54)),
+                ("star", "green", (40, 20, 58, 38)))
+    scores = grade(img[None], [world.two_object("circle", "star")])
+    assert scores.strict.tolist() == [True]
+
+
+def test_excluded_objects_fail_counting():
+    rng = np.random.default_rng(3)
+    images = np.stack([render(world.counting(cls, 4), rng) for cls in world.CLASSES])
+    scores = grade(images, [world.counting(cls, 3) for cls in world.CLASSES])
+    assert not scores.strict.any()
+    assert scores.partial.tolist() == pytest.approx([3 / 4] * 4)  # exclude factor (4 - 1) / 4
+    assert all(d.failures == [f"expected {cls}<4, found 4"]
+               for d, cls in zip(scores.details, world.CLASSES, strict=True))
+
+
+def test_blank_image_fails_everything():
+    metas = make_splits()["test"]
+    blank = np.full((len(metas), 64, 64, 3), 255, dtype=np.uint8)
+    scores = grade(blank, metas)
+    assert not scores.strict.any()
+    assert (scores.partial == 0).all()
+    assert all(d.objects == [] for d in scores.details)
+    assert summarize(scores, metas)["overall"] == 0.0
+
+
+def test_summarize_averages_over_tags_like_geneval():
+    metas = [{"tag": "colors"}] * 3 + [{"tag": "position"}]
+    scores = ShapesScores(np.array([True, True, False, False]), np.array([1, 1, 0.5, 0.0]), [])
+    summary = summarize(scores, metas)
+    assert summary == pytest.approx({"colors": 2 / 3, "position": 0.0, "overall": 1 / 3,
+                                     "partial": 0.625})
+
+
+def test_input_checks_and_other_formats():
+    meta = world.single_object("square")
+    img = scene(("square", "orange", (20, 20, 36, 36)))
+    as_list = ShapesEval()([Image.fromarray(img), img], [meta, meta])
+    assert as_list.strict.tolist() == [True, True]
+    big = np.asarray(Image.fromarray(img).resize((128, 128), Image.NEAREST))
+    assert grade(big[None], [meta]).strict.tolist() == [True]
+    with pytest.raises(ValueError, match="uint8"):
+        grade(img[None].astype(np.float32) / 255, [meta])
+    with pytest.raises(ValueError, match="metadata"):
+        grade(img[None], [meta, meta])
+
+
+def test_prototypes_match_the_renderer():
+    # If the renderer's shapes change, re-run `python -m rewards.shapes.benchmark --prototypes`.
+    from rewards.shapes.benchmark import measure_prototypes
+    from rewards.shapes.evaluate import FEATURE_STD, PROTOTYPES
+
+    means, _ = measure_prototypes(n_scenes=40, seed=1)
+    assert np.abs((means - PROTOTYPES) / FEATURE_STD).max() < 0.5
