@@ -1,0 +1,101 @@
+"""The rollout worker: a copy of the policy that samples whole GRPO groups.
+
+A plain class (no Ray here): ``actors.pool``-style code applies ``ray.remote`` where
+the actors are created, and the tests drive it directly.
+
+A worker serves exactly one weight version at a time, loaded from the learner's flat
+buffer (``policy.weights.FlatWeights``). It starts with none: a freshly started or
+restarted actor refuses to sample until it has been given a version (DESIGN.md
+trap 7), so a rollout is never tagged with weights it was not made with.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from policy.pipeline import LoraSpec, add_lora, build_pipeline, load_lora_state_dict
+from policy.sampler import Rollout, SamplerSpec, encode_prompts, sample_rollout, sample_seed
+from policy.weights import FlatWeights, unflatten_weights
+
+
+class PolicyReplica:
+    """A frozen pipeline plus one LoRA adapter at a known weight version.
+
+    Shared by the rollout worker and the self-confidence worker: both must know
+    exactly which version their transformer holds.
+    """
+
+    def __init__(self, model_path: str, dtype: str, device: str, num_threads: int,
+                 lora: LoraSpec) -> None:
+        # num_threads > 0 sets torch's CPU threads: inside a Ray actor torch would
+        # otherwise use the actor's num_cpus (DESIGN.md section 6).
+        self.pipe = build_pipeline(model_path, dtype, device, num_threads)
+        add_lora(self.pipe.transformer, lora)
+        self.device = device
+        self.version: int | None = None  # none loaded yet: refuse to serve
+
+    def load(self, flat: FlatWeights) -> int:
+        """Load ``flat`` unless its version is already loaded (versions are immutable)."""
+        if flat.version != self.version:
+            load_lora_state_dict(self.pipe.transformer, unflatten_weights(flat, self.device))
+            self.version = flat.version
+        return self.version
+
+    def require_version(self) -> int:
+        if self.version is None:
+            raise RuntimeError(
+                "no weight version loaded: call set_weights (or pass the weights) before "
+                "serving; a restarted actor starts without weights (DESIGN.md trap 7)"
+            )
+        return self.version
+
+
+class RolloutWorker:
+    """Samples ``group_size`` SDE trajectories per prompt with the loaded weight version."""
+
+    def __init__(
+        self,
+        model_path: str,
+        dtype: str,
+        device: str,
+        num_threads: int,
+        lora: LoraSpec,
+        sampler: SamplerSpec,
+        max_sequence_length: int,
+        run_seed: int,
+    ) -> None:
+        self.policy = PolicyReplica(model_path, dtype, device, num_threads, lora)
+        self.spec = sampler
+        self.max_sequence_length = max_sequence_length
+        self.run_seed = run_seed
+        # The CFG negative (the empty prompt) is the same for every call.
+        self.negative = encode_prompts(self.policy.pipe, [""], max_sequence_length)
+
+    def set_weights(self, flat: FlatWeights) -> int:
+        """Load weight version ``flat.version`` (skipped if loaded); returns the loaded version."""
+        return self.policy.load(flat)
+
+    @torch.no_grad()
+    def sample(self, groups: list[tuple[int, str]], step: int, group_size: int) -> Rollout:
+        """Sample whole groups: ``group_size`` trajectories per ``(prompt_index, prompt)``.
+
+        Sample ``i`` of prompt ``index`` uses ``sample_seed(run_seed, step, index, i)``, so
+        it does not depend on which worker ran it or what else was in the call. Every
+        sample of the call is made with the one loaded version, recorded in the rollout.
+        Returns numpy arrays (zero-copy through Ray's object store).
+        """
+        version = self.policy.require_version()
+        if not groups or group_size < 1:
+            raise ValueError(f"need at least one group and group_size >= 1, got "
+                             f"{len(groups)} groups of {group_size}")
+        prompts = [prompt for _, prompt in groups for _ in range(group_size)]
+        ids = torch.tensor([index for index, _ in groups for _ in range(group_size)])
+        seeds = torch.tensor([sample_seed(self.run_seed, step, index, i)
+                              for index, _ in groups for i in range(group_size)])
+        cond = encode_prompts(self.policy.pipe, prompts, self.max_sequence_length)
+        rollout = sample_rollout(
+            self.policy.pipe, prompts, seeds, self.spec, prompt_ids=ids, cond=cond,
+            negative=self.negative, max_sequence_length=self.max_sequence_length,
+            weight_version=version,
+        )
+        return rollout.numpy()
