@@ -27,9 +27,10 @@ import torch
 import yaml
 
 from learner.config import Config, load_config
-from learner.grpo import advantage_metrics, combine_advantages, policy_loss
+from learner.grpo import advantage_metrics, combine_advantages
 from learner.prompts import PromptCursor, load_prompts
-from policy.logprob import reference_kl, step_log_prob, trained_steps
+from learner.update import accumulate_grpo_gradients
+from policy.logprob import trained_steps
 from policy.pipeline import add_lora, build_pipeline, save_lora
 from policy.sampler import (
     PROBE_STREAM,
@@ -88,44 +89,22 @@ def score_step(pipe, cfg: Config, batch: Batch, step: int) -> torch.Tensor:
 
 
 def update_step(pipe, cfg: Config, batch: Batch, advantages, negative, optimizer, params) -> dict:
-    """One Flow-GRPO update over the step's kept samples and trained steps."""
+    """One Flow-GRPO update per inner epoch over the step's kept samples and trained steps."""
     gr = cfg.grpo
     keep = advantages.keep.nonzero().flatten()
     steps = trained_steps(batch.rollout, gr.train_fraction)
-    sums: dict[str, float] = {}
-    terms = 0
-    ratio_min, ratio_max = float("inf"), float("-inf")
     for epoch in range(gr.inner_epochs):
         optimizer.zero_grad(set_to_none=True)
-        for chunk in keep.split(gr.micro_batch):
-            cond = batch.cond.select(chunk)
-            for j in steps:
-                # log pi_theta(x_{j+1} | x_j) through the sampler's own step (ratio 1 on-policy)
-                new = step_log_prob(pipe.transformer, batch.rollout, j, cond, negative, chunk)
-                kl = None
-                if gr.beta > 0:  # the reference is the same transformer, adapter disabled
-                    kl = reference_kl(pipe.transformer, batch.rollout, j, cond, negative, new,
-                                      chunk, form=gr.kl_form)
-                loss, m = policy_loss(new.log_prob, batch.rollout.log_probs[chunk, j],
-                                      advantages.values[chunk], gr.clip_range, kl, gr.beta)
-                # Weight by the chunk's share so the accumulated gradient is the step mean.
-                (loss * len(chunk) / (len(keep) * len(steps))).backward()
-                for k, v in m.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-                terms += 1
-                ratio_min = min(ratio_min, float(m["loss/ratio_min"]))
-                ratio_max = max(ratio_max, float(m["loss/ratio_max"]))
-                if epoch == 0 and j == steps[0]:
-                    # Nothing has been updated yet this step: on-policy this is exactly 1.
-                    dev = max(abs(ratio_max - 1), abs(1 - ratio_min))
-                    sums["_first_dev"] = max(sums.get("_first_dev", 0.0), dev)
+        metrics = accumulate_grpo_gradients(
+            pipe.transformer, batch.rollout, batch.cond, negative, advantages.values, keep,
+            steps, gr, torch.Tensor.backward, global_count=len(keep),
+        )
         norm = torch.nn.utils.clip_grad_norm_(params, gr.max_grad_norm)
         optimizer.step()
-    metrics = {k: v / terms for k, v in sums.items() if not k.startswith("_")}
-    metrics.update({
-        "loss/ratio_min": ratio_min, "loss/ratio_max": ratio_max,
-        "loss/first_ratio_max_dev": sums["_first_dev"], "loss/grad_norm": float(norm),
-    })
+        if epoch == 0:  # before any update this step: on-policy this is exactly 0
+            first_dev = metrics["loss/first_ratio_max_dev"]
+    metrics["loss/first_ratio_max_dev"] = first_dev
+    metrics["loss/grad_norm"] = float(norm)
     return metrics
 
 
