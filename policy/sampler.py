@@ -64,13 +64,16 @@ class SamplerSpec:
 
     num_steps: int = 10
     guidance_scale: float = 4.5
-    noise_level: float = 0.7
+    noise_level: float = 0.7  # 0: a deterministic ODE sampler (evaluation)
     sde_type: SdeType = "sde"
     # [start, stop) of the stochastic steps; None: every step but the last.
     sde_window: tuple[int, int] | None = None
     shift: float = 3.0
 
     def window(self) -> tuple[int, int]:
+        """``[start, stop)`` of the stochastic steps; empty when ``noise_level == 0`` (ODE)."""
+        if self.noise_level == 0:
+            return 0, 0
         start, stop = self.sde_window or (0, self.num_steps - 1)
         if not 0 <= start < stop <= self.num_steps:
             raise ValueError(

@@ -54,9 +54,14 @@ DEFAULT_VOCABULARY: tuple[str, ...] = (
     "star", "stars", "hexagon", "hexagons", "diamond", "diamonds",
 )  # fmt: skip
 
-# The VAE downsamples once (2x), so the default 32-px latent decodes to 64 px.
+# The default VAE downsamples once (2x), so the default 32-px latent decodes to 64 px.
 VAE_SCALE_FACTOR = 2
 TINY_IMAGE_SIZE = 32 * VAE_SCALE_FACTOR
+
+
+def vae_scale_factor(vae_channels: Sequence[int]) -> int:
+    """A VAE with ``n`` block levels downsamples ``2 ** (n - 1)`` times."""
+    return 2 ** (len(vae_channels) - 1)
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -74,11 +79,13 @@ def build_tiny_pipeline(
     head_dim: int = 16,
     text_hidden_size: int = 32,
     text_projection_dim: int = 32,
-    vae_channels: tuple[int, int] = (16, 32),
+    vae_channels: tuple[int, ...] = (16, 32),
+    latent_channels: int = 4,
 ) -> StableDiffusion3Pipeline:
     """Build the tiny SD3 pipeline with weights drawn from `seed`.
 
-    `sample_size` is the latent side; images are `sample_size * 2` pixels square.
+    `sample_size` is the latent side; images are `sample_size * 2 ** (len(vae_channels) - 1)`
+    pixels square (64 px by default).
     The caller's global torch RNG state is left untouched.
     """
     tokenizer = build_tokenizer(vocabulary, model_max_length=model_max_length)
@@ -88,12 +95,13 @@ def build_tiny_pipeline(
         torch.manual_seed(seed)
         text_encoder = _build_text_encoder(tokenizer, text_hidden_size, text_projection_dim)
         text_encoder_2 = _build_text_encoder(tokenizer, text_hidden_size, text_projection_dim)
-        vae = _build_vae(sample_size * VAE_SCALE_FACTOR, vae_channels)
+        vae = _build_vae(sample_size * vae_scale_factor(vae_channels), vae_channels,
+                         latent_channels)
         transformer = SD3Transformer2DModel(
             sample_size=sample_size,
             patch_size=2,
-            in_channels=4,
-            out_channels=4,
+            in_channels=latent_channels,
+            out_channels=latent_channels,
             num_layers=transformer_layers,
             attention_head_dim=head_dim,
             num_attention_heads=transformer_heads,
@@ -196,8 +204,12 @@ def _build_text_encoder(
     return CLIPTextModelWithProjection(config).eval()
 
 
-def _build_vae(image_size: int, channels: tuple[int, int]) -> AutoencoderKL:
-    """A 2-level `AutoencoderKL`: one 2x downsample and 4 latent channels (SD3 has 16)."""
+def _build_vae(image_size: int, channels: tuple[int, ...], latent_channels: int) -> AutoencoderKL:
+    """An `AutoencoderKL` with `len(channels)` levels (SD3's has 4 levels and 16 channels).
+
+    No attention in the mid block: at 64 px it attends over every latent pixel, which
+    costs more than the rest of the tiny VAE and buys nothing on flat shapes.
+    """
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -205,7 +217,8 @@ def _build_vae(image_size: int, channels: tuple[int, int]) -> AutoencoderKL:
         up_block_types=("UpDecoderBlock2D",) * len(channels),
         block_out_channels=channels,
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
+        mid_block_add_attention=False,
         norm_num_groups=8,
         sample_size=image_size,
         # SD3's latent statistics; a trained replacement VAE should re-measure them.
