@@ -39,7 +39,6 @@ from policy.sampler import encode_prompts
 from policy.tiny import build_tiny_pipeline, vae_scale_factor
 from rewards.shapes.world import pretraining_metadata, render
 
-
 IMAGE_SIZE = 64  # the shapes world's render size
 
 
