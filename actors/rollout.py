@@ -11,10 +11,18 @@ trap 7), so a rollout is never tagged with weights it was not made with.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from policy.pipeline import LoraSpec, add_lora, build_pipeline, load_lora_state_dict
-from policy.sampler import Rollout, SamplerSpec, encode_prompts, sample_rollout, sample_seed
+from policy.sampler import (
+    Rollout,
+    SamplerSpec,
+    decode_images,
+    encode_prompts,
+    sample_rollout,
+    sample_seed,
+)
 from policy.weights import FlatWeights, unflatten_weights
 
 
@@ -99,3 +107,9 @@ class RolloutWorker:
             weight_version=version,
         )
         return rollout.numpy()
+
+    @torch.no_grad()
+    def decode(self, rollout: Rollout) -> np.ndarray:
+        """The rollout's final images, uint8 ``[B, H, W, 3]`` (for sample grids)."""
+        final = torch.as_tensor(np.asarray(rollout.latents)[:, -1])
+        return decode_images(self.policy.pipe, final)

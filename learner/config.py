@@ -118,6 +118,60 @@ class GrpoConfig(_Section):
     inner_epochs: int = Field(1, ge=1, description="passes over each step's samples")
 
 
+class RolloutConfig(_Section):
+    num_actors: int = Field(1, ge=1, description="rollout actors (custom resource 'rollout' if declared)")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per rollout actor")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per rollout actor")
+    num_threads: int = Field(1, ge=1, description="torch threads inside a rollout actor")
+
+
+class RewardPoolConfig(_Section):
+    num_actors: int = Field(1, ge=1, description="self-confidence reward actors at start")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per reward actor")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per reward actor")
+    num_threads: int = Field(1, ge=1, description="torch threads inside a reward actor")
+    timeout_s: float = Field(300.0, gt=0, description="per-call time limit; then retried elsewhere")
+    max_retries: int = Field(2, ge=0, description="retries of one group on other actors")
+    max_restarts: int = Field(2, ge=0, description="Ray restarts of a reward actor")
+    control_name: str = Field(
+        "solace-reward-pool", description="Ray name of the pool's size control (actors.scale)"
+    )
+
+
+class ExternalRewardConfig(_Section):
+    name: str = Field(description="reward name in metrics and samples.jsonl")
+    kind: Literal["actor"] = Field("actor", description="'actor': a scorer class in the cluster")
+    target: str = Field(description="'module:Class' of a scorer (images, prompts, metadata) -> [N]")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="constructor arguments")
+    weight: float = Field(1.0, description="weight in the combined advantage")
+    num_actors: int = Field(1, ge=1, description="actors for this reward")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per actor")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor")
+
+
+class LearnerConfig(_Section):
+    num_ranks: int = Field(1, ge=1, description="DeepSpeed data-parallel ranks (Ray actors)")
+    zero_stage: Literal[0, 1, 2] = Field(2, description="DeepSpeed ZeRO stage")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per rank")
+    num_threads: int = Field(1, ge=1, description="torch threads inside a rank")
+    max_staleness: int = Field(
+        1, ge=0, description="how many weight versions a rollout may lag the learner; 0 = on-policy"
+    )
+
+
+class RayConfig(_Section):
+    address: str | None = Field(
+        None, description="cluster to join ('auto', 'ray://...'); null: RAY_ADDRESS or a new local instance"
+    )
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a new local instance (null: all)")
+    namespace: str = Field("solace", description="Ray namespace (actors.scale looks here)")
+
+
+class MetricsConfig(_Section):
+    port: int = Field(8000, ge=0, le=65535, description="Prometheus endpoint port; 0 disables it")
+    grid_every: int = Field(10, ge=1, description="write a sample grid every N steps (and at the end)")
+
+
 class TrainConfig(_Section):
     steps: int = Field(20, ge=1, description="training steps (weight versions published)")
     prompts: str = Field(
@@ -135,6 +189,21 @@ class Config(_Section):
     self_confidence: SelfConfidenceConfig = SelfConfidenceConfig()
     grpo: GrpoConfig = GrpoConfig()
     train: TrainConfig = TrainConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    reward_pool: RewardPoolConfig = RewardPoolConfig()
+    external_rewards: tuple[ExternalRewardConfig, ...] = Field(
+        (), description="rewards beside self-confidence, combined by grpo.combine"
+    )
+    learner: LearnerConfig = LearnerConfig()
+    ray: RayConfig = RayConfig()
+    metrics: MetricsConfig = MetricsConfig()
+
+    @model_validator(mode="after")
+    def _distinct_reward_names(self) -> Config:
+        names = ["self_confidence"] + [r.name for r in self.external_rewards]
+        if len(set(names)) != len(names):
+            raise ValueError(f"external_rewards: reward names must be distinct, got {names}")
+        return self
 
 
 class ConfigError(ValueError):

@@ -164,13 +164,13 @@ class LearnerRank:
         self.engine, *_ = deepspeed.initialize(
             model=self.pipe.transformer, model_parameters=self.params, config=self.config)
 
-    def train_step(self, rollout: Rollout, advantages: np.ndarray, shard: np.ndarray,
-                   steps: list[int], global_count: int, num_micro_batches: int | None = None,
+    def train_step(self, advantages: np.ndarray, shard: np.ndarray, steps: list[int],
+                   global_count: int, num_micro_batches: int | None, *rollouts: Rollout,
                    ) -> dict[str, float]:
-        """One optimizer step, this rank training samples ``shard`` of ``rollout``.
+        """One optimizer step, this rank training samples ``shard`` of the step's rollouts.
 
-        ``rollout`` is the whole step's numpy rollout (Ray resolves the ``ObjectRef``),
-        ``advantages`` [N] its advantages, ``shard`` [n] int indices of the kept samples
+        ``rollouts`` are the step's numpy rollouts in order (Ray resolves each ``ObjectRef``
+        passed as a top-level argument), together N samples; ``advantages`` [N] theirs, ``shard`` [n] int indices of the kept samples
         this rank trains, ``global_count`` the kept samples over all ranks. Every rank
         must get the same ``steps`` and ``num_micro_batches`` (default: what this shard
         needs, only right when all shards need the same).
@@ -178,6 +178,7 @@ class LearnerRank:
         if self.engine is None:
             raise RuntimeError("LearnerRank.connect must run before train_step")
         t0 = time.perf_counter()
+        rollout = Rollout.concat(rollouts)
         shard = np.asarray(shard, dtype=np.int64)
         count = num_micro_batches or max(1, math.ceil(len(shard) / self.grpo.micro_batch))
         # An empty shard still runs (zero-weighted) passes on sample 0, in lockstep.
@@ -274,28 +275,38 @@ class LearnerGroup:
         # All ranks must join at once: init_distributed blocks until the group is complete.
         ray.get([rank.connect.remote(addr, port) for rank in self.ranks])
 
-    def train_step(self, rollout: ray.ObjectRef | Rollout, advantages: np.ndarray,
+    def train_step(self, rollouts: ray.ObjectRef | Rollout | list, advantages: np.ndarray,
                    keep: np.ndarray, steps: list[int]) -> dict[str, float]:
-        """One optimizer step over the kept samples; ``rollout`` is an ``ObjectRef[Rollout]``
-        (numpy) or a rollout, put once here. Returns the merged metrics of all ranks."""
+        """One optimizer step over the kept samples of the step's rollouts.
+
+        ``rollouts`` is one or a list of ``ObjectRef[Rollout]`` (numpy) or rollouts, in the
+        order of ``advantages``; a rollout object is put once here. Returns the merged
+        metrics of all ranks."""
         import ray
+
+        refs = [self._as_ref(r) for r in (rollouts if isinstance(rollouts, list) else [rollouts])]
 
         kept = np.flatnonzero(np.asarray(keep))
         if len(kept) == 0:
             raise ValueError("no kept samples: skip the update when every group was dropped")
-        if not isinstance(rollout, ray.ObjectRef):
-            as_numpy = isinstance(rollout.latents, torch.Tensor)
-            rollout = ray.put(rollout.numpy() if as_numpy else rollout)
         shards = np.array_split(kept, len(self.ranks))  # sizes differ by at most one
         count = max(1, math.ceil(len(shards[0]) / self.grpo.micro_batch))
         advantages = np.asarray(advantages, dtype=np.float32)
         parts = ray.get([
-            rank.train_step.remote(rollout, advantages, shard, list(steps), len(kept), count)
+            rank.train_step.remote(advantages, shard, list(steps), len(kept), count, *refs)
             for rank, shard in zip(self.ranks, shards, strict=True)
         ])
         metrics = merge_metrics(parts)
         metrics["timing/update_s"] = max(p["timing/update_s"] for p in parts)
         return metrics
+
+    @staticmethod
+    def _as_ref(rollout: ray.ObjectRef | Rollout) -> ray.ObjectRef:
+        import ray
+
+        if isinstance(rollout, ray.ObjectRef):
+            return rollout
+        return ray.put(rollout.numpy() if isinstance(rollout.latents, torch.Tensor) else rollout)
 
     def publish(self, version: int) -> ray.ObjectRef:
         """``ObjectRef[FlatWeights]`` of weight version ``version``, stored once.

@@ -135,18 +135,23 @@ class LoraSpec:
     """Seed for the random A matrices (B starts at zero)."""
 
 
+def lora_config(spec: LoraSpec) -> LoraConfig:
+    """The peft config of ``spec``; B starts at zero, so the adapter starts as the identity."""
+    return LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        init_lora_weights=True,
+        target_modules=list(spec.target_modules),
+    )
+
+
 def add_lora(transformer: SD3Transformer2DModel, spec: LoraSpec) -> list[str]:
     """Attach a LoRA adapter, make only its weights trainable, return their names.
 
     B is initialised to zero, so the adapted model starts equal to the base model.
     """
     _check_targets(transformer, spec.target_modules)
-    config = LoraConfig(
-        r=spec.rank,
-        lora_alpha=spec.alpha,
-        init_lora_weights=True,
-        target_modules=list(spec.target_modules),
-    )
+    config = lora_config(spec)
     # Seed A's init without moving the caller's random stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.init_seed)
@@ -239,12 +244,18 @@ def save_lora(
     alpha = r and scale the update differently.
     """
     transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
-    state = {
-        key: value.detach().contiguous() for key, value in lora_state_dict(transformer).items()
-    }
     config = transformer.peft_config[_adapter_name(transformer)]
+    save_lora_state(lora_state_dict(transformer), config, directory)
+
+
+def save_lora_state(
+    state: dict[str, torch.Tensor], config: LoraConfig | LoraSpec, directory: str | Path
+) -> None:
+    """Write a LoRA state dict (peft keys) as ``save_lora`` does, without a model at hand."""
+    if isinstance(config, LoraSpec):
+        config = lora_config(config)
     StableDiffusion3Pipeline.save_lora_weights(
         str(directory),
-        transformer_lora_layers=state,
+        transformer_lora_layers={k: v.detach().contiguous() for k, v in state.items()},
         transformer_lora_adapter_metadata=config.to_dict(),
     )

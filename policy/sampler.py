@@ -114,8 +114,29 @@ class Rollout:
 
     def torch(self, device: str | torch.device = "cpu") -> Rollout:
         """A copy holding torch tensors (from numpy arrays or tensors)."""
-        arrays = {k: torch.as_tensor(getattr(self, k)).to(device) for k in self._ARRAYS}
+        def as_tensor(x):
+            # Arrays read from Ray's object store are read-only; torch wants writable memory.
+            if isinstance(x, np.ndarray) and not x.flags.writeable:
+                x = x.copy()
+            return torch.as_tensor(x).to(device)
+
+        arrays = {k: as_tensor(getattr(self, k)) for k in self._ARRAYS}
         return replace(self, **arrays)
+
+    @staticmethod
+    def concat(parts: Sequence[Rollout]) -> Rollout:
+        """Samples of several rollouts made with one spec and weight version, in order."""
+        first = parts[0]
+        for p in parts[1:]:
+            if p.spec != first.spec or p.weight_version != first.weight_version:
+                raise ValueError("rollouts to concatenate must share their spec and weight "
+                                 f"version, got versions {[q.weight_version for q in parts]}")
+        if len(parts) == 1:
+            return first
+        lib = torch if isinstance(first.latents, torch.Tensor) else np
+        per_sample = ("latents", "log_probs", "seeds", "prompt_ids")
+        arrays = {k: lib.concatenate([getattr(p, k) for p in parts]) for k in per_sample}
+        return replace(first, **arrays, prompts=[x for p in parts for x in p.prompts])
 
     def select(self, index: torch.Tensor | slice) -> Rollout:
         """The samples at ``index`` (a torch rollout)."""

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
+from policy.grid import prompt_lines, save_grid
 from policy.pipeline import build_pipeline
 from policy.sampler import (
     SamplerSpec,
@@ -35,6 +35,7 @@ from rewards.shapes.evaluate import ShapesEval, ShapesScores, summarize
 from rewards.shapes.world import TAGS, load_split
 
 EVAL_STREAM = 2  # seed stream of evaluation noise (0 and 1 are sampling and probes)
+GREEN, RED = (0, 160, 0), (200, 0, 0)  # grid frames: correct / wrong
 
 
 @dataclass
@@ -77,24 +78,6 @@ def format_table(summary: dict[str, float], title: str = "") -> str:
     return "\n".join(lines)
 
 
-def save_grid(path: Path, images: np.ndarray, metadata: list[dict], strict: np.ndarray,
-              columns: int = 8, scale: int = 2) -> None:
-    """A PNG grid: each tile is an image, a green (correct) or red (wrong) frame, its prompt."""
-    tile, text_h = images.shape[1] * scale, 34
-    rows = -(-len(images) // columns)
-    grid = Image.new("RGB", (columns * (tile + 8), rows * (tile + 8 + text_h)), "white")
-    draw = ImageDraw.Draw(grid)
-    for n, (img, meta, ok) in enumerate(zip(images, metadata, strict, strict=True)):
-        x, y = (n % columns) * (tile + 8) + 4, (n // columns) * (tile + 8 + text_h) + 4
-        draw.rectangle([x - 3, y - 3, x + tile + 2, y + tile + 2], fill=(0, 160, 0) if ok else (200, 0, 0))
-        grid.paste(Image.fromarray(img).resize((tile, tile), Image.NEAREST), (x, y))
-        words = meta["prompt"].removeprefix("a photo of ").split()
-        half = (len(words) + 1) // 2
-        for k, line in enumerate((" ".join(words[:half]), " ".join(words[half:]))):
-            draw.text((x, y + tile + 4 + 12 * k), line, fill="black")
-    grid.save(path)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Evaluate a model with ShapesEval.")
     parser.add_argument("--model", default="models/tiny-shapes-sd3", help="diffusers dir, or tiny-random")
@@ -129,8 +112,9 @@ def main(argv: list[str] | None = None) -> None:
                                                    ev.scores.details, strict=True)]}
         (args.out / "report.json").write_text(json.dumps(report, indent=1))
         first = np.arange(0, len(ev.images), args.per_prompt)  # one image per prompt
-        save_grid(args.out / "grid.png", ev.images[first], [ev.metadata[i] for i in first],
-                  ev.scores.strict[first])
+        save_grid(args.out / "grid.png", ev.images[first],
+                  [prompt_lines(ev.metadata[i]["prompt"]) for i in first],
+                  [GREEN if ok else RED for ok in ev.scores.strict[first]])
         print(f"  wrote {args.out / 'report.json'} and {args.out / 'grid.png'}")
 
 

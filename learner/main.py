@@ -1,0 +1,342 @@
+"""The solace-rl service driver: Flow-GRPO + SOLACE on Ray actors.
+
+    python -m learner.main [--config FILE] [--set section.field=value ...] [--address ADDR]
+                           [--run-dir DIR] [--resume RUN_DIR]
+
+With no arguments it trains ``configs/tiny_solace.yaml`` on a new local Ray instance.
+Under ``ray job submit`` (or with ``RAY_ADDRESS``/``--address``) it joins that cluster.
+
+One step of :func:`train`, the loop in one place:
+
+    prompts -> rollouts (rollout actors) -> scores (reward pools, as rollouts finish)
+    -> advantages -> update (DeepSpeed ranks) -> publish weights v+1 -> log
+
+Rollouts for step k+1 are sampled while the learner trains on step k whenever
+``learner.max_staleness >= 1``; with 0 every step samples with the newest weights.
+A group is sampled with one weight version and scored with that same version (the
+reward pool is handed that version's weight ref with each call). Only this process
+calls ``ray.get``; rollouts travel actor to actor as ``ObjectRef``s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+import yaml
+from tqdm import tqdm
+
+from actors.pool import RewardPool
+from actors.reward import ExternalRewardWorker, Scores, SelfConfidenceWorker
+from actors.rollout import RolloutWorker
+from learner.config import Config, load_config
+from learner.engine import LearnerGroup
+from learner.grpo import advantage_metrics, combine_advantages
+from learner.metrics import PrometheusMetrics
+from learner.prompts import PromptCursor, load_prompts
+from policy.grid import prompt_lines, save_grid
+from policy.pipeline import save_lora_state
+from policy.sampler import suffix_window
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_solace.yaml"
+SC = "self_confidence"
+
+
+@dataclass
+class StepWork:
+    """The rollouts of one step in flight: their refs, version and scores as they arrive."""
+
+    step: int
+    version: int
+    refs: list[ray.ObjectRef]  # one ObjectRef[Rollout] per rollout call, in order
+    groups: list[list[tuple[int, str]]]  # the (prompt index, prompt) groups of each call
+    scores: dict[str, dict[int, Scores]] = field(default_factory=lambda: defaultdict(dict))
+    started: float = field(default_factory=time.perf_counter)
+
+
+class Service:
+    """The actors of one run and the calls that move data between them."""
+
+    def __init__(self, cfg: Config, rows: list[dict]):
+        self.cfg = cfg
+        m, lora = cfg.model, cfg.lora.spec(cfg.seed)
+        resources = ray.cluster_resources()
+        rollout_res = {"rollout": 0.01} if "rollout" in resources else None
+        actor = ray.remote(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus,
+                           resources=rollout_res)(RolloutWorker)
+        self.rollout_actors = [
+            actor.remote(m.path, m.dtype, m.device, cfg.rollout.num_threads, lora,
+                         cfg.sampler.spec(), m.max_sequence_length, cfg.seed)
+            for _ in range(cfg.rollout.num_actors)
+        ]
+        sc, rp = cfg.self_confidence, cfg.reward_pool
+        self.pools = {SC: RewardPool(
+            partial(SelfConfidenceWorker, m.path, m.dtype, m.device, rp.num_threads, lora,
+                    m.max_sequence_length, cfg.seed, sc.num_probes, sc.probe_fraction, sc.delta,
+                    sc.aggregation),
+            rp.num_actors, timeout_s=rp.timeout_s, max_retries=rp.max_retries,
+            max_restarts=rp.max_restarts, num_cpus=rp.num_cpus, num_gpus=rp.num_gpus,
+            control_name=rp.control_name,
+        )}
+        for ext in cfg.external_rewards:
+            self.pools[ext.name] = RewardPool(
+                partial(ExternalRewardWorker, ext.target, ext.name, m.path, "float32", m.device,
+                        1, ext.kwargs, rows),
+                ext.num_actors, timeout_s=rp.timeout_s, max_retries=rp.max_retries,
+                max_restarts=rp.max_restarts, num_cpus=ext.num_cpus, num_gpus=ext.num_gpus,
+                control_name=f"{rp.control_name}-{ext.name}",
+            )
+        for pool in self.pools.values():
+            pool.wait_ready()
+        self.learner = LearnerGroup(
+            cfg.learner.num_ranks, lora=lora, grpo=cfg.grpo, model_path=m.path, dtype=m.dtype,
+            device=m.device, num_threads=cfg.learner.num_threads, num_cpus=cfg.learner.num_cpus,
+            zero_stage=cfg.learner.zero_stage, max_sequence_length=m.max_sequence_length,
+        )
+        self.weights: dict[int, ray.ObjectRef] = {}  # version -> ObjectRef[FlatWeights]
+
+    def publish(self, version: int) -> float:
+        """Store weights ``version`` once and push the ref to every rollout actor."""
+        t0 = time.perf_counter()
+        ref = self.learner.publish(version)
+        # Actor calls run in order: samples submitted after this use the new version.
+        ray.get([a.set_weights.remote(ref) for a in self.rollout_actors])
+        self.weights[version] = ref
+        # Keep the versions that in-flight rollouts may still need for scoring.
+        for old in [v for v in self.weights if v < version - self.cfg.learner.max_staleness]:
+            del self.weights[old]
+        return time.perf_counter() - t0
+
+    def launch(self, step: int, version: int, picked: list[tuple[int, dict]]) -> StepWork:
+        """Sample the step's groups on the rollout actors and queue them for scoring."""
+        groups = [(index, row["prompt"]) for index, row in picked]
+        chunks = [list(c) for c in np.array_split(np.arange(len(groups)), len(self.rollout_actors))
+                  if len(c)]
+        work = StepWork(step, version, [], [])
+        for actor, chunk in zip(self.rollout_actors, chunks, strict=False):
+            call_groups = [groups[i] for i in chunk]
+            ref = actor.sample.remote(call_groups, step, self.cfg.grpo.group_size)
+            for pool in self.pools.values():  # scored as soon as this rollout exists
+                pool.submit(ref, self.weights[version], key=(step, len(work.refs)))
+            work.refs.append(ref)
+            work.groups.append(call_groups)
+        return work
+
+    def gather(self, inflight: dict[int, StepWork], step: int) -> None:
+        """Collect scores (of any step) until every call of ``step`` has every reward."""
+        work = inflight[step]
+        want = len(work.refs)
+        while any(len(work.scores[name]) < want for name in self.pools):
+            for name, pool in self.pools.items():
+                for (s, call), scores in pool.collect(timeout=0.05):
+                    inflight[s].scores[name][call] = scores
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.shutdown()
+        self.learner.shutdown()
+
+
+def rewards_of(work: StepWork, names: list[str]) -> dict[str, np.ndarray]:
+    """Each reward over the step's samples, in rollout-call order."""
+    return {n: np.concatenate([work.scores[n][c].reward for c in range(len(work.refs))])
+            for n in names}
+
+
+def check_versions(work: StepWork) -> None:
+    """Every self-confidence score must come from the version that made its samples."""
+    for call, scores in work.scores[SC].items():
+        if scores.weight_version != work.version:
+            raise RuntimeError(f"step {work.step} call {call}: scored with weight version "
+                               f"{scores.weight_version}, sampled with {work.version}")
+
+
+def write_samples(log, work: StepWork, rewards: dict[str, np.ndarray], adv, trained_at: int):
+    """One line per sample: who made it, with which version, what it scored."""
+    n = 0
+    for call in range(len(work.refs)):
+        sc = work.scores[SC][call]
+        for i, (prompt_id, seed) in enumerate(sc.sample_keys):
+            row = {"step": work.step, "prompt_id": prompt_id, "seed": seed,
+                   "sample_version": work.version, "score_version": sc.weight_version,
+                   "trained_at_version": trained_at, "advantage": float(adv.values[n + i]),
+                   "kept": bool(adv.keep[n + i])}
+            row.update({f"reward/{k}": float(v[n + i]) for k, v in rewards.items()})
+            log.write(json.dumps(row) + "\n")
+        n += len(sc.sample_keys)
+
+
+def save_checkpoint(run_dir: Path, service: Service, cursor: PromptCursor, step: int) -> Path:
+    """``checkpoints/step_N``: LoRA (diffusers format), optimizer states, loop state.
+
+    Written to a temporary directory and renamed into place, so a crash never leaves a
+    half-written checkpoint; ``lora/`` at the top of the run dir is the latest LoRA.
+    """
+    state = service.learner.state_dict()
+    final = run_dir / "checkpoints" / f"step_{step:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_lora_state(state["lora"], service.cfg.lora.spec(service.cfg.seed), tmp / "lora")
+    torch.save({"learner": state, "step": step, "cursor": cursor.position}, tmp / "trainer.pt")
+    if final.exists():  # a resumed run re-saving a step
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    latest = run_dir / "lora"
+    shutil.rmtree(latest, ignore_errors=True)
+    shutil.copytree(final / "lora", latest)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    done = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if not p.name.endswith(".tmp"))
+    return done[-1] if done else None
+
+
+def init_ray(cfg: Config, address: str | None) -> None:
+    """Join ``address``/RAY_ADDRESS (as under ``ray job submit``) or start a local instance."""
+    address = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, namespace=cfg.ray.namespace, log_to_driver=True)
+    else:  # "local" never attaches to a cluster that happens to run on this machine
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus or local_cpus(cfg),
+                 namespace=cfg.ray.namespace, include_dashboard=False)
+
+
+def local_cpus(cfg: Config) -> int:
+    """Logical CPUs for a local instance: at least what every actor reserves.
+
+    Ray's CPUs are scheduling tokens; each actor sets its torch threads itself, so on a
+    2-core laptop the actors share the cores rather than wait forever for a free one.
+    """
+    reserved = (cfg.rollout.num_actors * cfg.rollout.num_cpus
+                + cfg.reward_pool.num_actors * cfg.reward_pool.num_cpus
+                + sum(e.num_actors * e.num_cpus for e in cfg.external_rewards)
+                + cfg.learner.num_ranks * cfg.learner.num_cpus)
+    return max(os.cpu_count() or 1, int(np.ceil(reserved)) + 1)
+
+
+def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
+    """Run the service for ``cfg.train.steps`` steps; returns the run directory."""
+    rows = load_prompts(cfg.train.prompts)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    service = Service(cfg, rows)
+    cursor, start = PromptCursor(rows, cfg.seed), 0
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if ckpt is not None:
+        saved = torch.load(ckpt / "trainer.pt", weights_only=False)
+        service.learner.load_state_dict(saved["learner"])
+        start, cursor.position = saved["step"], saved["cursor"]
+        print(f"resuming {run_dir} at step {start} from {ckpt.name}", flush=True)
+    metrics_server = PrometheusMetrics(cfg.metrics.port, list(service.pools))
+    version = start  # weight version v = optimizer steps taken
+    service.publish(version)
+    names = list(service.pools)
+    weights = {SC: cfg.self_confidence.weight} | {e.name: e.weight for e in cfg.external_rewards}
+    steps_trained = list(range(*suffix_window(cfg.sampler.num_steps - 1, cfg.grpo.train_fraction)))
+    inflight: dict[int, StepWork] = {}
+    next_launch = start
+    mode = "a" if resume else "w"
+    bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc="train")
+    try:
+        with open(run_dir / "metrics.jsonl", mode) as log, open(run_dir / "samples.jsonl", mode) as samples:
+            for step in bar:
+                t0 = time.perf_counter()
+                # prompts -> rollouts: keep up to max_staleness steps sampling ahead
+                while next_launch <= step + cfg.learner.max_staleness and next_launch < cfg.train.steps:
+                    picked = cursor.take(cfg.grpo.prompts_per_step)
+                    inflight[next_launch] = service.launch(next_launch, version, picked)
+                    next_launch += 1
+                # rollouts -> scores, taken as they finish
+                service.gather(inflight, step)
+                work = inflight.pop(step)
+                check_versions(work)
+                t1 = time.perf_counter()
+                # scores -> advantages over the whole step (global std needs all of it)
+                rewards = rewards_of(work, names)
+                group_ids = torch.arange(len(rewards[SC])) // cfg.grpo.group_size
+                adv = combine_advantages(
+                    {k: torch.from_numpy(v) for k, v in rewards.items()}, weights, group_ids,
+                    cfg.grpo.combine, cfg.grpo.std_mode, cfg.grpo.adv_clip, cfg.grpo.adv_eps)
+                # advantages -> update (DeepSpeed ranks take the rollouts by reference)
+                staleness = version - work.version
+                metrics = {}
+                if adv.keep.any():
+                    metrics = service.learner.train_step(work.refs, adv.values.numpy(),
+                                                         adv.keep.numpy(), steps_trained)
+                t2 = time.perf_counter()
+                # update -> publish weights v+1 to every rollout actor
+                version += 1
+                push_s = service.publish(version)
+                # log
+                write_samples(samples, work, rewards, adv, version - 1)
+                samples.flush()
+                n = len(rewards[SC])
+                metrics.update(advantage_metrics(adv))
+                for name, r in rewards.items():
+                    metrics[f"reward/{name}/mean"] = float(r.mean())
+                    metrics[f"reward/{name}/std"] = float(r.std())
+                for pool in service.pools.values():
+                    pool.sync_control()  # a size set from outside (python -m actors.scale)
+                metrics.update(service.pools[SC].metrics())
+                metrics.update({
+                    "step": step, "rollout/staleness": staleness, "rollout/samples": n,
+                    "rollout/samples_per_s": n / (time.perf_counter() - t0),
+                    "timing/wait_scores_s": t1 - t0, "timing/update_s": t2 - t1,
+                    "timing/publish_s": push_s, "system/queue_depth": len(inflight),
+                    "system/weight_version": version,
+                })
+                log.write(json.dumps(metrics) + "\n")
+                log.flush()
+                metrics_server.update(metrics)
+                bar.set_postfix(reward=f"{metrics[f'reward/{SC}/mean']:+.4f}",
+                                sps=f"{metrics['rollout/samples_per_s']:.1f}", stale=staleness)
+                last = step == cfg.train.steps - 1
+                if (step + 1) % cfg.train.save_every == 0 or last:
+                    save_checkpoint(run_dir, service, cursor, step + 1)
+                if (step + 1) % cfg.metrics.grid_every == 0 or last:
+                    images = ray.get(service.rollout_actors[0].decode.remote(work.refs[0]))
+                    prompts = [p for _, p in work.groups[0] for _ in range(cfg.grpo.group_size)]
+                    captions = [prompt_lines(p) + [f"sc {r:+.3f}"]
+                                for p, r in zip(prompts, rewards[SC], strict=False)]
+                    save_grid(run_dir / "grids" / f"step_{step:06d}.png", images, captions)
+    finally:
+        bar.close()
+        service.close()
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Flow-GRPO + SOLACE post-training on Ray.")
+    parser.add_argument("--config", type=Path, help=f"YAML preset (default: {DEFAULT_CONFIG})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted override, e.g. train.steps=5 (repeatable)")
+    parser.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS or a new local one)")
+    parser.add_argument("--run-dir", type=Path, help="where to write (default: train.out_dir/<time>)")
+    parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                        help="continue RUN_DIR from its last checkpoint, with its config")
+    args = parser.parse_args(argv)
+    config_path = args.resume / "config.yaml" if args.resume else args.config or DEFAULT_CONFIG
+    cfg = load_config(config_path, args.overrides)  # fails here, before any actor starts
+    run_dir = args.resume or args.run_dir or Path(cfg.train.out_dir) / time.strftime("%Y%m%d-%H%M%S")
+    init_ray(cfg, args.address)
+    try:
+        train(cfg, run_dir, resume=bool(args.resume))
+    finally:
+        ray.shutdown()
+    print(f"run directory: {run_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""The driver's Prometheus endpoint: the step's metrics as gauges, counters and a histogram.
+
+Names match deploy/grafana-dashboard.json. The server is prometheus-client's own HTTP
+server on ``metrics.port`` (0 disables it); each step's flat metrics dict updates it.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+PHASES = {"rollout": "timing/wait_scores_s", "update": "timing/update_s",
+          "publish": "timing/publish_s"}
+
+
+class PrometheusMetrics:
+    """Serves the run's metrics on ``port`` (nothing at all when ``port == 0``)."""
+
+    def __init__(self, port: int, reward_names: list[str]):
+        self.enabled = port != 0
+        self.registry = CollectorRegistry()  # private: tests may start several runs
+        r = self.registry
+        self.steps = Counter("solace_steps", "training steps done", registry=r)
+        self.samples_per_s = Gauge("solace_samples_per_second", "samples per second", registry=r)
+        self.reward = Gauge("solace_reward_mean", "mean reward of the step", ["reward"], registry=r)
+        self.adv_mean = Gauge("solace_advantage_mean", "mean advantage (kept samples)", registry=r)
+        self.adv_std = Gauge("solace_advantage_std", "advantage std (kept samples)", registry=r)
+        self.ratio = Gauge("solace_ratio_mean", "mean importance ratio", registry=r)
+        self.clip = Gauge("solace_clip_fraction", "share of clipped ratios", registry=r)
+        self.staleness = Gauge("solace_staleness", "weight versions the step's rollouts lag", registry=r)
+        self.push = Histogram("solace_weight_push_seconds", "weight publication time", registry=r,
+                              buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.queue = Gauge("solace_queue_depth", "steps sampling ahead of the learner", registry=r)
+        self.alive = Gauge("solace_reward_actors_alive", "self-confidence actors alive", registry=r)
+        self.phase = Gauge("solace_step_seconds", "seconds per phase of the step", ["phase"], registry=r)
+        self.reward_names = reward_names
+        if self.enabled:
+            start_http_server(port, registry=self.registry)
+
+    def update(self, m: dict[str, float]) -> None:
+        self.steps.inc()
+        self.samples_per_s.set(m["rollout/samples_per_s"])
+        for name in self.reward_names:
+            self.reward.labels(reward=name).set(m[f"reward/{name}/mean"])
+        self.adv_mean.set(m["reward/adv_mean"])
+        self.adv_std.set(m["reward/adv_std"])
+        self.ratio.set(m.get("loss/ratio_mean", 1.0))
+        self.clip.set(m.get("loss/clip_fraction", 0.0))
+        self.staleness.set(m["rollout/staleness"])
+        self.push.observe(m["timing/publish_s"])
+        self.queue.set(m["system/queue_depth"])
+        self.alive.set(m.get("reward/pool/alive", 0.0))
+        for phase, key in PHASES.items():
+            self.phase.labels(phase=phase).set(m[key])
