@@ -9,11 +9,9 @@ drives any of them.
 * :class:`ExternalRewardWorker`: any scorer class named ``"module:Class"``, on images
   decoded by its own copy of the VAE.
 
-Probe seeding (a deviation from ``learner.sequential``, which shares one probe set per
-step): each group's probes come from
-``derive_seed(run_seed, PROBE_STREAM, weight_version, prompt_id, seed of the group's
-first sample)``, so a group's score depends neither on the actor that ran it nor on
-the other groups of its call.
+Probe seeding: see ``rewards.self_confidence.score_rollout`` (per group, from the run
+seed, the weight version and the group's first sample), so a group's score depends
+neither on the actor that ran it nor on the other groups of its call.
 """
 
 from __future__ import annotations
@@ -29,16 +27,12 @@ import torch
 from actors.rollout import PolicyReplica
 from policy.pipeline import LoraSpec, build_pipeline
 from policy.sampler import (
-    PROBE_STREAM,
     Rollout,
-    conditional_velocity,
     decode_images,
-    derive_seed,
     encode_prompts,
-    suffix_window,
 )
 from policy.weights import FlatWeights
-from rewards.self_confidence import Aggregation, self_confidence
+from rewards.self_confidence import Aggregation, score_rollout
 
 
 @dataclass
@@ -60,13 +54,6 @@ def sample_keys(rollout: Rollout) -> tuple[tuple[int, int], ...]:
     ids = np.asarray(rollout.prompt_ids).tolist()
     seeds = np.asarray(rollout.seeds).tolist()
     return tuple(zip(ids, seeds, strict=True))
-
-
-def group_slices(prompt_ids: torch.Tensor) -> list[slice]:
-    """The GRPO groups of a rollout: runs of equal consecutive prompt ids."""
-    _, counts = torch.unique_consecutive(prompt_ids, return_counts=True)
-    ends = counts.cumsum(0).tolist()
-    return [slice(end - n, end) for end, n in zip(ends, counts.tolist(), strict=True)]
 
 
 class SelfConfidenceWorker:
@@ -113,26 +100,15 @@ class SelfConfidenceWorker:
                 "version that generated it (SOLACE scores with the sampling policy)"
             )
         version = self.policy.load(weights)
-        pipe = self.policy.pipe
         r = rollout.torch(self.policy.device)
-        cond = encode_prompts(pipe, r.prompts, self.max_sequence_length)
-        window = suffix_window(r.spec.num_steps - 1, self.probe_fraction)
-        velocity = conditional_velocity(pipe.transformer)
-        rewards, per_step = [], []
-        for rows in group_slices(r.prompt_ids):
-            key = (int(r.prompt_ids[rows][0]), int(r.seeds[rows][0]))
-            seed = derive_seed(self.run_seed, PROBE_STREAM, version, *key)
-            out = self_confidence(
-                velocity, r.final[rows], r.sigmas, cond.select(rows),
-                num_probes=self.num_probes, probe_window=window, delta=self.delta,
-                aggregation=self.aggregation, generator=torch.Generator().manual_seed(seed),
-            )  # one group: the official aggregation normalises within it
-            rewards.append(out.reward)
-            per_step.append(out.per_step)
+        cond = encode_prompts(self.policy.pipe, r.prompts, self.max_sequence_length)
+        reward, per_step = score_rollout(
+            self.policy.pipe.transformer, r, cond, self.run_seed, self.num_probes,
+            self.probe_fraction, self.delta, self.aggregation)
         return Scores(
             sample_keys=sample_keys(rollout),
-            reward=torch.cat(rewards).float().cpu().numpy(),
-            per_step=torch.cat(per_step).float().cpu().numpy(),
+            reward=reward.float().cpu().numpy(),
+            per_step=per_step.float().cpu().numpy(),
             weight_version=version,
             reward_name=self.reward_name,
         )

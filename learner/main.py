@@ -39,7 +39,7 @@ from tqdm import tqdm
 from actors.pool import RewardPool
 from actors.reward import ExternalRewardWorker, Scores, SelfConfidenceWorker
 from actors.rollout import RolloutWorker
-from learner.config import Config, load_config
+from learner.config import Config, ConfigError, load_config
 from learner.engine import LearnerGroup
 from learner.grpo import advantage_metrics, combine_advantages
 from learner.metrics import PrometheusMetrics
@@ -328,7 +328,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="continue RUN_DIR from its last checkpoint, with its config")
     args = parser.parse_args(argv)
     config_path = args.resume / "config.yaml" if args.resume else args.config or DEFAULT_CONFIG
-    cfg = load_config(config_path, args.overrides)  # fails here, before any actor starts
+    try:
+        cfg = load_config(config_path, args.overrides)  # fails here, before any actor starts
+    except ConfigError as e:
+        parser.error(str(e))
     run_dir = args.resume or args.run_dir or Path(cfg.train.out_dir) / time.strftime("%Y%m%d-%H%M%S")
     init_ray(cfg, args.address)
     try:

@@ -33,17 +33,13 @@ from learner.update import accumulate_grpo_gradients
 from policy.logprob import trained_steps
 from policy.pipeline import add_lora, build_pipeline, save_lora
 from policy.sampler import (
-    PROBE_STREAM,
     Conditioning,
     Rollout,
-    conditional_velocity,
-    derive_seed,
     encode_prompts,
     sample_rollout,
     sample_seed,
-    suffix_window,
 )
-from rewards.self_confidence import self_confidence
+from rewards.self_confidence import score_rollout
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "tiny_solace.yaml")
 
@@ -74,18 +70,12 @@ def sample_step(pipe, cfg: Config, cursor: PromptCursor, step: int, negative: Co
     return Batch(rollout, cond, group_ids)
 
 
-def score_step(pipe, cfg: Config, batch: Batch, step: int) -> torch.Tensor:
+def score_step(pipe, cfg: Config, batch: Batch) -> torch.Tensor:
     """SOLACE self-confidence of every sample, with the current policy and no CFG."""
     sc = cfg.self_confidence
-    sigmas = batch.rollout.sigmas
-    window = suffix_window(cfg.sampler.num_steps - 1, sc.probe_fraction)
-    generator = torch.Generator().manual_seed(derive_seed(cfg.seed, PROBE_STREAM, step))
-    out = self_confidence(
-        conditional_velocity(pipe.transformer), batch.rollout.final, sigmas, batch.cond,
-        num_probes=sc.num_probes, probe_window=window, delta=sc.delta,
-        aggregation=sc.aggregation, group_ids=batch.group_ids, generator=generator,
-    )
-    return out.reward
+    reward, _ = score_rollout(pipe.transformer, batch.rollout, batch.cond, cfg.seed,
+                              sc.num_probes, sc.probe_fraction, sc.delta, sc.aggregation)
+    return reward
 
 
 def update_step(pipe, cfg: Config, batch: Batch, advantages, negative, optimizer, params) -> dict:
@@ -128,7 +118,7 @@ def train(cfg: Config, run_dir: Path | None = None) -> Path:
             t0 = time.perf_counter()
             batch = sample_step(pipe, cfg, cursor, step, negative)  # prompts -> rollouts
             t1 = time.perf_counter()
-            reward = score_step(pipe, cfg, batch, step)  # rollouts -> self-confidence
+            reward = score_step(pipe, cfg, batch)  # rollouts -> self-confidence
             t2 = time.perf_counter()
             adv = combine_advantages(  # rewards -> advantages
                 {"self_confidence": reward}, {"self_confidence": cfg.self_confidence.weight},

@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import torch
 
-from policy.sampler import suffix_window
+from policy.sampler import PROBE_STREAM, Rollout, conditional_velocity, derive_seed, suffix_window
 
 Aggregation = Literal["paper", "official"]
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
@@ -149,3 +149,44 @@ def self_confidence(
     probe_sigmas = sigmas[list(steps)].float()
     reward = aggregate(per_step, probe_sigmas, aggregation, group_ids)
     return SelfConfidence(reward, per_step, mse_t, probe_sigmas, steps)
+
+
+def group_slices(prompt_ids: torch.Tensor) -> list[slice]:
+    """The GRPO groups of a rollout: runs of equal consecutive prompt ids."""
+    _, counts = torch.unique_consecutive(prompt_ids, return_counts=True)
+    ends = counts.cumsum(0).tolist()
+    return [slice(end - n, end) for end, n in zip(ends, counts.tolist(), strict=True)]
+
+
+@torch.no_grad()
+def score_rollout(
+    transformer: torch.nn.Module,
+    rollout: Rollout,
+    cond: Any,
+    run_seed: int,
+    num_probes: int = 8,
+    probe_fraction: float = 0.5,
+    delta: float = 1e-6,
+    aggregation: Aggregation = "paper",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Self-confidence of a (torch) rollout's samples, one group at a time: ``[B]``, ``[B, P]``.
+
+    Each group's probes come from ``derive_seed(run_seed, PROBE_STREAM, weight_version,
+    prompt_id, seed of the group's first sample)``, so a group's reward depends neither
+    on which process scored it nor on the other groups of the call; the sequential loop
+    and the reward actors give the same numbers.
+    """
+    window = suffix_window(rollout.spec.num_steps - 1, probe_fraction)
+    velocity = conditional_velocity(transformer)
+    rewards, per_step = [], []
+    for rows in group_slices(rollout.prompt_ids):
+        key = (int(rollout.prompt_ids[rows][0]), int(rollout.seeds[rows][0]))
+        seed = derive_seed(run_seed, PROBE_STREAM, rollout.weight_version, *key)
+        out = self_confidence(
+            velocity, rollout.final[rows], rollout.sigmas, cond.select(rows),
+            num_probes=num_probes, probe_window=window, delta=delta,
+            aggregation=aggregation, generator=torch.Generator().manual_seed(seed),
+        )  # one group: the official aggregation normalises within it
+        rewards.append(out.reward)
+        per_step.append(out.per_step)
+    return torch.cat(rewards), torch.cat(per_step)

@@ -1,0 +1,167 @@
+"""End-to-end runs of the Ray service (learner.main) on the tiny random pipeline.
+
+One local Ray instance for the module; each run starts its own rollout, reward and
+learner actors, as a user's run would.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from actors.scale import set_pool_size
+from learner.config import load_config
+from learner.main import latest_checkpoint, train
+from policy.sampler import SamplerSpec, sample_rollout
+from policy.tiny import build_tiny_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = [
+    "model.path=tiny-random", "grpo.group_size=4", "grpo.prompts_per_step=2",
+    "grpo.micro_batch=8", "sampler.num_steps=6", "self_confidence.num_probes=4",
+    "metrics.port=0", "metrics.grid_every=2", "reward_pool.timeout_s=120",
+]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(address="local", num_cpus=8, namespace="solace", include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _scorer_pids() -> list[int]:
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", "ScorerActor"), ("state", "=", "ALIVE")])
+    return [a.pid for a in actors if a.pid]
+
+
+def test_async_run_scores_with_generating_version_and_survives_resize_and_kill(local_ray, tmp_path):
+    steps = 6
+    cfg = load_config(REPO / "configs/tiny_solace.yaml", SMALL + [
+        f"train.steps={steps}", "learner.max_staleness=1", "train.save_every=3",
+        "reward_pool.control_name=test-pool-async"])
+    run_dir = tmp_path / "async"
+    done = threading.Event()
+
+    def operator():
+        # From outside the loop, as a person with `python -m actors.scale` would.
+        while len(_lines(run_dir / "metrics.jsonl")) < 1 and not done.is_set():
+            time.sleep(0.2)
+        set_pool_size("test-pool-async", 2)
+        while len(_lines(run_dir / "metrics.jsonl")) < 3 and not done.is_set():
+            time.sleep(0.2)
+        pids = _scorer_pids()
+        if pids:
+            os.kill(pids[0], signal.SIGKILL)  # a reward actor dies mid-run
+        set_pool_size("test-pool-async", 1)
+
+    thread = threading.Thread(target=operator, daemon=True)
+    thread.start()
+    try:
+        train(cfg, run_dir)
+    finally:
+        done.set()
+        thread.join(timeout=30)
+
+    metrics = _lines(run_dir / "metrics.jsonl")
+    samples = _lines(run_dir / "samples.jsonl")
+    assert [m["step"] for m in metrics] == list(range(steps))
+    # No sample lost, none double-counted, through a resize and a killed actor.
+    keys = Counter((s["step"], s["prompt_id"], s["seed"]) for s in samples)
+    assert len(keys) == steps * 2 * 4 and set(keys.values()) == {1}
+    assert 2 in {m["reward/pool/size"] for m in metrics}, "the pool never grew to 2"
+    assert metrics[-1]["reward/pool/size"] == 1
+    # Every self-confidence score was computed with the version that generated its sample.
+    assert all(s["score_version"] == s["sample_version"] for s in samples)
+    # Sampling ran one version ahead of training after the first step.
+    assert [m["rollout/staleness"] for m in metrics] == [0] + [1] * (steps - 1)
+    assert all(m["loss/total"] == m["loss/total"] for m in metrics)  # finite, not NaN
+    assert sorted(p.name for p in (run_dir / "grids").glob("*.png"))
+    assert latest_checkpoint(run_dir).name == f"step_{steps:06d}"
+
+    # diffusers loads the LoRA checkpoint, and it changes what the model generates.
+    pipe = build_tiny_pipeline(seed=0)
+    spec, seeds = SamplerSpec(num_steps=4), torch.tensor([1, 2])
+    before = sample_rollout(pipe, ["a photo of a star"] * 2, seeds, spec, max_sequence_length=8)
+    pipe.load_lora_weights(run_dir / "lora")
+    after = sample_rollout(pipe, ["a photo of a star"] * 2, seeds, spec, max_sequence_length=8)
+    assert not torch.allclose(before.final, after.final)
+
+
+def test_on_policy_ratio_is_one_every_step_and_resume_continues(local_ray, tmp_path):
+    run_dir = tmp_path / "sync"
+    over = SMALL + ["learner.max_staleness=0", "train.save_every=1",
+                    "reward_pool.control_name=test-pool-sync"]
+    train(load_config(REPO / "configs/tiny_solace.yaml", over + ["train.steps=2"]), run_dir)
+    first = _lines(run_dir / "metrics.jsonl")
+    assert all(m["rollout/staleness"] == 0 for m in first)
+    assert all(m["loss/first_ratio_max_dev"] < 1e-5 for m in first)
+
+    # --resume: the learner, optimizer and prompt cursor continue from step 2.
+    train(load_config(run_dir / "config.yaml", ["train.steps=3"]), run_dir, resume=True)
+    metrics = _lines(run_dir / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [0, 1, 2]
+    assert metrics[2]["system/weight_version"] == 3
+    assert metrics[2]["loss/first_ratio_max_dev"] < 1e-5
+    prompts = [s["prompt_id"] for s in _lines(run_dir / "samples.jsonl")]
+    assert len(prompts) == 3 * 2 * 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_prometheus_endpoint_serves_the_metrics_during_a_run(tmp_path):
+    port = _free_port()
+    cmd = [sys.executable, "-m", "learner.main", "--run-dir", str(tmp_path / "prom")]
+    for item in SMALL + ["train.steps=3", f"metrics.port={port}", "learner.max_staleness=0"]:
+        cmd += ["--set", item]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    scraped = ""
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                    scraped = r.read().decode()
+                if "solace_steps_total 1.0" in scraped or "solace_steps_total 2.0" in scraped:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+    finally:
+        out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    for name in ("solace_steps_total", "solace_samples_per_second", 'solace_reward_mean{reward="self_confidence"}',
+                 "solace_advantage_std", "solace_ratio_mean", "solace_clip_fraction", "solace_staleness",
+                 "solace_weight_push_seconds_bucket", "solace_queue_depth", "solace_reward_actors_alive",
+                 'solace_step_seconds{phase="update"}'):
+        assert name in scraped, f"{name} not served"
+
+
+def test_bad_config_fails_before_any_actor_starts():
+    started = time.time()
+    out = subprocess.run([sys.executable, "-m", "learner.main", "--set", "grpo.group_size=1"],
+                         cwd=REPO, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "grpo.group_size" in out.stderr and "Started a local Ray instance" not in out.stderr
+    assert time.time() - started < 60
