@@ -37,7 +37,9 @@ Placement: each actor asks for ``{resource: 1}`` if the cluster declares that cu
 resource when the pool is created (``ray start --resources='{"reward": 4}'`` on the
 scoring nodes), plus ``num_cpus``/``num_gpus``; if no node declares it, the resource
 is left out and placement falls back to ``num_cpus``/``num_gpus`` alone (a
-single-machine run needs no setup). ``pool.placement`` says which was used.
+single-machine run needs no setup). ``require_resource=True`` always asks for it, so an
+autoscaling cluster starts reward nodes for pending actors. ``pool.placement`` says which
+was used.
 """
 
 from __future__ import annotations
@@ -149,6 +151,7 @@ class RewardPool:
         max_in_flight: int = 2,
         max_restarts: int = 2,
         resource: str | None = "reward",
+        require_resource: bool = False,
         num_cpus: float = 1.0,
         num_gpus: float = 0.0,
         ready_timeout_s: float = 600.0,
@@ -163,9 +166,10 @@ class RewardPool:
         self.stats = PoolStats()
         options: dict[str, Any] = dict(num_cpus=num_cpus, num_gpus=num_gpus,
                                        max_restarts=max_restarts, max_task_retries=0)
-        # The custom resource only if the cluster has it; else CPU/GPU placement.
+        # The custom resource if required (an autoscaler then starts nodes that have it),
+        # or if the cluster has it now; else CPU/GPU placement.
         self.placement = "cpu"
-        if resource and ray.cluster_resources().get(resource, 0) > 0:
+        if resource and (require_resource or ray.cluster_resources().get(resource, 0) > 0):
             options["resources"] = {resource: 1}
             self.placement = resource
         self._actor_cls = ray.remote(**options)(ScorerActor)  # the one ray.remote for scorers

@@ -123,6 +123,10 @@ class RolloutConfig(_Section):
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per rollout actor")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per rollout actor")
     num_threads: int = Field(1, ge=1, description="torch threads inside a rollout actor")
+    require_resource: bool = Field(
+        False, description="always ask for the 'rollout' resource (autoscaling clusters); "
+        "false: only if a node declares it at start"
+    )
 
 
 class RewardPoolConfig(_Section):
@@ -130,6 +134,10 @@ class RewardPoolConfig(_Section):
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per reward actor")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per reward actor")
     num_threads: int = Field(1, ge=1, description="torch threads inside a reward actor")
+    require_resource: bool = Field(
+        False, description="always ask for the 'reward' resource (autoscaling clusters); "
+        "false: only if a node declares it at start"
+    )
     timeout_s: float = Field(300.0, gt=0, description="per-call time limit; then retried elsewhere")
     max_retries: int = Field(2, ge=0, description="retries of one group on other actors")
     max_restarts: int = Field(2, ge=0, description="Ray restarts of a reward actor")
@@ -154,6 +162,10 @@ class LearnerConfig(_Section):
     zero_stage: Literal[0, 1, 2] = Field(2, description="DeepSpeed ZeRO stage")
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per rank")
     num_threads: int = Field(1, ge=1, description="torch threads inside a rank")
+    require_resource: bool = Field(
+        False, description="always ask for the 'learner' resource (autoscaling clusters); "
+        "false: only if a node declares it at start"
+    )
     max_staleness: int = Field(
         1, ge=0, description="how many weight versions a rollout may lag the learner; 0 = on-policy"
     )

@@ -253,15 +253,15 @@ class LearnerGroup:
     def __init__(self, num_ranks: int, *, lora: LoraSpec, grpo: GrpoConfig,
                  model_path: str = "tiny-random", dtype: str = "float32", device: str = "cpu",
                  num_threads: int = 1, num_cpus: float = 1, zero_stage: int = 2,
-                 max_sequence_length: int = 8):
+                 max_sequence_length: int = 8, require_resource: bool = False):
         import ray
 
         if num_ranks < 1:
             raise ValueError(f"num_ranks must be >= 1, got {num_ranks}")
         deepspeed_config(grpo, zero_stage, num_ranks, dtype)  # fail here, not in every actor
         self.grpo, self.zero_stage = grpo, zero_stage
-        resources = ({"learner": LEARNER_RESOURCE_SHARE}
-                     if "learner" in ray.cluster_resources() else None)
+        wants = require_resource or "learner" in ray.cluster_resources()
+        resources = {"learner": LEARNER_RESOURCE_SHARE} if wants else None
         actor = ray.remote(num_cpus=num_cpus, num_gpus=1 if device.startswith("cuda") else 0,
                            resources=resources)(LearnerRank)
         self.ranks = [

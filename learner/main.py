@@ -71,7 +71,8 @@ class Service:
         self.cfg = cfg
         m, lora = cfg.model, cfg.lora.spec(cfg.seed)
         resources = ray.cluster_resources()
-        rollout_res = {"rollout": 0.01} if "rollout" in resources else None
+        wants = cfg.rollout.require_resource or "rollout" in resources
+        rollout_res = {"rollout": 0.01} if wants else None
         actor = ray.remote(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus,
                            resources=rollout_res)(RolloutWorker)
         self.rollout_actors = [
@@ -86,7 +87,7 @@ class Service:
                     sc.aggregation),
             rp.num_actors, timeout_s=rp.timeout_s, max_retries=rp.max_retries,
             max_restarts=rp.max_restarts, num_cpus=rp.num_cpus, num_gpus=rp.num_gpus,
-            control_name=rp.control_name,
+            require_resource=rp.require_resource, control_name=rp.control_name,
         )}
         for ext in cfg.external_rewards:
             self.pools[ext.name] = RewardPool(
@@ -102,6 +103,7 @@ class Service:
             cfg.learner.num_ranks, lora=lora, grpo=cfg.grpo, model_path=m.path, dtype=m.dtype,
             device=m.device, num_threads=cfg.learner.num_threads, num_cpus=cfg.learner.num_cpus,
             zero_stage=cfg.learner.zero_stage, max_sequence_length=m.max_sequence_length,
+            require_resource=cfg.learner.require_resource,
         )
         self.weights: dict[int, ray.ObjectRef] = {}  # version -> ObjectRef[FlatWeights]
 

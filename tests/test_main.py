@@ -107,8 +107,10 @@ def test_async_run_scores_with_generating_version_and_survives_resize_and_kill(l
 
 def test_on_policy_ratio_is_one_every_step_and_resume_continues(local_ray, tmp_path):
     run_dir = tmp_path / "sync"
+    # With an external reward actor (ShapesEval) beside self-confidence: the hybrid rule.
+    shapes = '[{name: shapes, target: "rewards.shapes.reward:ShapesReward", weight: 0.5}]'
     over = SMALL + ["learner.max_staleness=0", "train.save_every=1",
-                    "reward_pool.control_name=test-pool-sync"]
+                    "reward_pool.control_name=test-pool-sync", f"external_rewards={shapes}"]
     train(load_config(REPO / "configs/tiny_solace.yaml", over + ["train.steps=2"]), run_dir)
     first = _lines(run_dir / "metrics.jsonl")
     assert all(m["rollout/staleness"] == 0 for m in first)
@@ -120,8 +122,11 @@ def test_on_policy_ratio_is_one_every_step_and_resume_continues(local_ray, tmp_p
     assert [m["step"] for m in metrics] == [0, 1, 2]
     assert metrics[2]["system/weight_version"] == 3
     assert metrics[2]["loss/first_ratio_max_dev"] < 1e-5
-    prompts = [s["prompt_id"] for s in _lines(run_dir / "samples.jsonl")]
-    assert len(prompts) == 3 * 2 * 4
+    samples = _lines(run_dir / "samples.jsonl")
+    assert len(samples) == 3 * 2 * 4
+    # Both rewards are recorded per sample and both shape the advantage.
+    assert all(0.0 <= s["reward/shapes"] <= 1.0 and "reward/self_confidence" in s for s in samples)
+    assert all("reward/shapes/adv_share" in m and "reward/shapes/mean" in m for m in metrics)
 
 
 def _free_port() -> int:

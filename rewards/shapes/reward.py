@@ -1,0 +1,30 @@
+"""ShapesEval as a reward scorer: ``(images, prompts, metadata) -> partial credit [N]``.
+
+The common scorer call of ``actors.reward.ExternalRewardWorker``; configure it as
+``external_rewards: [{name: shapes, target: "rewards.shapes.reward:ShapesReward"}]``.
+Partial credit is the reward (strict correctness is too sparse to rank a group by);
+strict correctness stays the evaluation metric.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from rewards.shapes.evaluate import ShapesEval
+
+
+class ShapesReward:
+    """Partial-credit ShapesEval score of each image against its prompt's metadata."""
+
+    def __init__(self, position_threshold: float = 0.1) -> None:
+        self.grader = ShapesEval(position_threshold=position_threshold)
+
+    def __call__(self, images: np.ndarray, prompts: Sequence[str], metadata: Sequence[dict]
+                 ) -> np.ndarray:
+        for prompt, meta in zip(prompts, metadata, strict=True):
+            if meta.get("prompt") != prompt or "include" not in meta:
+                raise ValueError(f"ShapesReward needs the shapes-world metadata of {prompt!r}; "
+                                 "train on a prompt file of rewards/shapes/data")
+        return self.grader(images, list(metadata)).partial.astype(np.float32)
