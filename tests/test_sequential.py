@@ -12,7 +12,7 @@ from policy.sampler import SamplerSpec, sample_rollout
 from policy.tiny import build_tiny_pipeline
 
 OVERRIDES = [
-    "train.steps=2", "grpo.group_size=4", "grpo.prompts_per_step=2", "grpo.micro_batch=3",
+    "model.path=tiny-random", "train.steps=2", "grpo.group_size=4", "grpo.prompts_per_step=2", "grpo.micro_batch=3",
     "sampler.num_steps=6", "self_confidence.num_probes=4", "grpo.lr=1e-2", "grpo.clip_range=0.2",
 ]
 
