@@ -108,16 +108,23 @@ class Service:
         self.weights: dict[int, ray.ObjectRef] = {}  # version -> ObjectRef[FlatWeights]
 
     def publish(self, version: int) -> float:
-        """Store weights ``version`` once and push the ref to every rollout actor."""
+        """Store weights ``version`` once and push the ref to every rollout actor.
+
+        Returns the seconds until the buffer is in the object store. The pushes are not
+        waited for: actor calls run in order, so every sample call submitted after them
+        uses the new version, and a failed load surfaces in that call.
+        """
         t0 = time.perf_counter()
         ref = self.learner.publish(version)
-        # Actor calls run in order: samples submitted after this use the new version.
-        ray.get([a.set_weights.remote(ref) for a in self.rollout_actors])
+        ray.wait([ref], fetch_local=False)  # stored by rank 0; the driver never copies it
+        seconds = time.perf_counter() - t0
+        for actor in self.rollout_actors:
+            actor.set_weights.remote(ref)
         self.weights[version] = ref
         # Keep the versions that in-flight rollouts may still need for scoring.
         for old in [v for v in self.weights if v < version - self.cfg.learner.max_staleness]:
             del self.weights[old]
-        return time.perf_counter() - t0
+        return seconds
 
     def launch(self, step: int, version: int, picked: list[tuple[int, dict]]) -> StepWork:
         """Sample the step's groups on the rollout actors and queue them for scoring."""
