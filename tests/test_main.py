@@ -21,6 +21,7 @@ import ray
 import torch
 
 from actors.scale import set_pool_size
+from learner import sequential
 from learner.config import load_config
 from learner.main import latest_checkpoint, train
 from policy.sampler import SamplerSpec, sample_rollout
@@ -124,6 +125,12 @@ def test_on_policy_ratio_is_one_every_step_and_resume_continues(local_ray, tmp_p
     first = _lines(run_dir / "metrics.jsonl")
     assert all(m["rollout/staleness"] == 0 for m in first)
     assert all(m["loss/first_ratio_max_dev"] < 1e-5 for m in first)
+
+    # The single-process loop, same config and seed, sees the same first-step rewards.
+    seq_cfg = load_config(run_dir / "config.yaml", ["train.steps=1", "external_rewards=[]"])
+    seq = _lines(sequential.train(seq_cfg, tmp_path / "seq") / "metrics.jsonl")[0]
+    for key in ("reward/self_confidence/mean", "reward/self_confidence/std"):
+        assert seq[key] == pytest.approx(first[0][key], abs=1e-6)
 
     # --resume: the learner, optimizer and prompt cursor continue from step 2.
     train(load_config(run_dir / "config.yaml", ["train.steps=3"]), run_dir, resume=True)
