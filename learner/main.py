@@ -171,7 +171,11 @@ def check_versions(work: StepWork) -> None:
 
 
 def write_samples(log, work: StepWork, rewards: dict[str, np.ndarray], adv, trained_at: int):
-    """One line per sample: who made it, with which version, what it scored."""
+    """One line per sample: who made it, with which version, what it scored.
+
+    ``sample_version`` is the version the step was launched with; it is the rollout's own,
+    since a reward worker refuses weights of any other version than the rollout's.
+    """
     n = 0
     for call in range(len(work.refs)):
         sc = work.scores[SC][call]
