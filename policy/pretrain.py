@@ -49,9 +49,9 @@ class PretrainConfig(BaseModel):
 
     seed: int = Field(0, description="seed of the weights' init, the scenes and the noise")
     num_threads: int = Field(2, ge=1, description="torch CPU threads")
-    transformer_layers: int = Field(6, ge=1, description="SD3 transformer blocks")
+    transformer_layers: int = Field(4, ge=1, description="SD3 transformer blocks")
     transformer_heads: int = Field(4, ge=1, description="attention heads")
-    head_dim: int = Field(32, ge=4, description="width of one head (inner width = heads x head_dim)")
+    head_dim: int = Field(24, ge=4, description="width of one head (inner width = heads x head_dim)")
     vae_channels: tuple[int, ...] = Field(
         (16, 32, 32), description="VAE block widths; n levels downsample 2^(n-1) times"
     )
@@ -61,10 +61,10 @@ class PretrainConfig(BaseModel):
     vae_batch: int = Field(32, ge=1, description="VAE batch size")
     vae_lr: float = Field(2e-3, gt=0, description="VAE AdamW learning rate")
     vae_kl_weight: float = Field(1e-6, ge=0, description="weight of the VAE's KL term")
-    steps: int = Field(3600, ge=1, description="transformer optimiser steps")
+    steps: int = Field(8000, ge=1, description="transformer optimiser steps")
     batch: int = Field(64, ge=1, description="transformer batch size")
-    lr: float = Field(1e-3, gt=0, description="transformer peak AdamW learning rate")
-    warmup: int = Field(300, ge=0, description="linear warm-up steps, then cosine decay to 10 %")
+    lr: float = Field(2e-3, gt=0, description="transformer peak AdamW learning rate")
+    warmup: int = Field(400, ge=0, description="linear warm-up steps, then cosine decay to 10 %")
     weight_decay: float = Field(0.0, ge=0, description="transformer AdamW weight decay")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient norm clip")
     caption_dropout: float = Field(0.1, ge=0, le=1, description="share of empty captions (for CFG)")
