@@ -171,7 +171,42 @@ def test_input_checks_and_other_formats():
 def test_prototypes_match_the_renderer():
     # If the renderer's shapes change, re-run `python -m rewards.shapes.benchmark --prototypes`.
     from rewards.shapes.benchmark import measure_prototypes
-    from rewards.shapes.evaluate import FEATURE_STD, PROTOTYPES
+    from rewards.shapes.evaluate import CLASS_STD, PROTOTYPES, STD_FLOOR
 
     means, _ = measure_prototypes(n_scenes=40, seed=1)
-    assert np.abs((means - PROTOTYPES) / FEATURE_STD).max() < 0.5
+    assert np.abs((means - PROTOTYPES) / np.maximum(CLASS_STD, STD_FLOOR)).max() < 0.5
+
+
+def test_bent_renders_still_count():
+    """A generator's shapes are stretched, tilted and rounded: within `Distortion` they
+    are still their class (what a human would call them)."""
+    metadata = make_splits()["test"]
+    rng = np.random.default_rng(3)
+    images = np.stack([world.render_scene(m, rng, distortion=world.Distortion())[0]
+                       for m in metadata])
+    assert grade(images, metadata).strict.mean() >= 0.98
+
+
+def blob(points: list[tuple[float, float]], color: str = "green", round_px: float = 2.0
+         ) -> np.ndarray:
+    """A filled polygon with corners rounded by blurring and re-thresholding at 4x."""
+    from PIL import ImageFilter
+
+    s = 4
+    mask = Image.new("L", (64 * s, 64 * s), 0)
+    ImageDraw.Draw(mask).polygon([(x * s, y * s) for x, y in points], fill=255)
+    mask = mask.filter(ImageFilter.GaussianBlur(round_px * s)).point(lambda v: 255 * (v >= 128))
+    img = Image.new("RGB", mask.size, (255, 255, 255))
+    img.paste(PALETTE[color], mask=mask)
+    return np.asarray(img.reduce(s))
+
+
+def test_shapes_too_far_from_every_class_are_not_objects():
+    pentagon = [(32 + 8 * np.cos(a), 32 + 8 * np.sin(a))
+                for a in -np.pi / 2 + np.arange(5) * 2 * np.pi / 5]
+    wide = scene(("square", "red", (10, 26, 54, 40)))  # 3.1x wider than tall
+    ellipse = scene(("circle", "blue", (8, 24, 56, 40)))  # 3x
+    images = np.stack([blob(pentagon), wide, ellipse])
+    found = [[d.shape for d in dets] for dets in detect(images)]
+    assert found[0] != ["star"]  # a rounded pentagon has no points
+    assert found[1] == [None] and found[2] == [None]  # too stretched for any class

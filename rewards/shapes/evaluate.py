@@ -9,7 +9,9 @@ Deviations from GenEval:
 * Detection by colour and geometry instead of Mask2Former: each pixel is explained
   as a palette colour mixed with the white background (colour + coverage); objects
   are connected components of >= 50 % coverage; their class is the nearest of four
-  prototypes over six coverage-map features.
+  per-class Gaussians over nine coverage-map features, whose spread is measured on
+  renders bent the way a generator bends shapes (`world.Distortion`), so a slightly
+  stretched square or a stubby star still counts while a blob does not.
 * Colour by a vote of the object's solid pixels over the 6 palette colours, plus an
   "off-palette" bucket that never matches a prompt, instead of CLIP over 10 colours.
 * Detection "confidence" (which orders a class's objects, as GenEval's detector
@@ -54,20 +56,39 @@ MIN_AREA_64 = 20  # smaller components (pixels at 64x64) are noise; the smallest
 # Shape features from the component's coverage map (soft, so a half-covered edge row
 # counts half instead of flipping with the noise): fill of the box, of its top and
 # bottom thirds, log aspect w/h, fill of the top and bottom corner cells (a quarter
-# of the box each way). Corners tell squares from circles (1 vs ~0.4) and triangles
-# from stars (bottom corners ~0.85 vs ~0.3).
-FEATURE_NAMES = ("fill", "top_third", "bottom_third", "log_aspect", "top_corners", "bottom_corners")
-# Class means and pooled within-class std over clean and perturbed renders
-# (`rewards.shapes.benchmark.measure_prototypes`); distances are in std units.
+# of the box each way), and the 3rd, 4th and 5th harmonics of the outline's radius
+# around the centroid (relative to the mean radius). Corners tell squares from circles
+# (~0.85 vs ~0.3) and triangles from stars (bottom corners ~0.85 vs ~0.3); the 5th
+# harmonic tells a five-pointed star (~0.13) from a blob or a rounded pentagon (< 0.05).
+FEATURE_NAMES = ("fill", "top_third", "bottom_third", "log_aspect", "top_corners",
+                 "bottom_corners", "harmonic3", "harmonic4", "harmonic5")
+RADIAL_BINS = 32  # angular bins of the outline radius
+# Per class: mean and std of each feature over clean, perturbed and `Distortion`-bent
+# renders (stretched up to 1.4x, rotated up to 10 degrees, corners rounded), measured by
+# `python -m rewards.shapes.benchmark --prototypes`. A shape is matched to the class
+# with the smallest distance in that class's std units, so the tolerance is "as bent as
+# a Distortion", not "as exact as the renderer".
 PROTOTYPES = np.array([
-    [0.775, 0.677, 0.677, 0.000, 0.312, 0.313],  # circle
-    [0.976, 0.971, 0.971, 0.000, 0.955, 0.955],  # square
-    [0.577, 0.250, 0.899, 0.113, 0.001, 0.891],  # triangle
-    [0.529, 0.275, 0.514, 0.036, 0.004, 0.302],  # star
+    [0.774, 0.676, 0.676, -0.002, 0.312, 0.312, 0.006, 0.006, 0.006],  # circle
+    [0.924, 0.905, 0.904, 0.000, 0.844, 0.843, 0.006, 0.069, 0.006],  # square
+    [0.578, 0.265, 0.861, 0.097, 0.005, 0.840, 0.168, 0.027, 0.028],  # triangle
+    [0.541, 0.304, 0.515, 0.024, 0.012, 0.298, 0.025, 0.021, 0.141],  # star
 ], dtype=np.float32)
-FEATURE_STD = np.array([0.029, 0.038, 0.031, 0.017, 0.025, 0.047], dtype=np.float32)
-# In stds; perturbed renders reach ~7, a diamond ~11.5, a hexagon 8 (it passes as a circle).
-MAX_SHAPE_DIST = 10.0
+CLASS_STD = np.array([
+    [0.008, 0.012, 0.012, 0.131, 0.020, 0.020, 0.004, 0.004, 0.004],  # circle
+    [0.068, 0.087, 0.087, 0.120, 0.145, 0.145, 0.004, 0.008, 0.004],  # square
+    [0.031, 0.041, 0.061, 0.130, 0.013, 0.087, 0.026, 0.021, 0.018],  # triangle
+    [0.047, 0.066, 0.052, 0.123, 0.020, 0.066, 0.017, 0.018, 0.026],  # star
+], dtype=np.float32)
+# No feature is trusted to better than STD_FLOOR: at 64 px one pixel row of a 16 px
+# shape moves a fill fraction by ~0.06, so finer differences are pixel luck.
+STD_FLOOR = 0.03
+# A component further than this (in its nearest class's stds) is not an object, as
+# low-scoring detections are dropped in GenEval: 99 % of bent renders lie within 5.3,
+# while blobs and rounded pentagons land at 7 or more.
+MAX_SHAPE_DIST = 6.5
+# Stretched more than this factor from the class's aspect ratio, it is not that class.
+MAX_STRETCH = 1.6
 
 
 def _build_luts() -> tuple[np.ndarray, np.ndarray]:
@@ -198,7 +219,7 @@ def _band(profile: np.ndarray, length: np.ndarray, from_end: bool) -> np.ndarray
 
 
 def shape_features(a: np.ndarray) -> np.ndarray:
-    """Coverage crops float32 [K,Hc,Wc] -> features float32 [K,6] (see FEATURE_NAMES)."""
+    """Coverage crops float32 [K,Hc,Wc] -> features float32 [K,9] (see FEATURE_NAMES)."""
     cols, rows = a.max(axis=1), a.max(axis=2)  # [K,Wc], [K,Hc]: soft extent per column / row
     w, h = cols.sum(axis=1), rows.sum(axis=1)  # [K]: soft width and height
     row_mass = a.sum(axis=2)  # [K,Hc]
@@ -206,21 +227,47 @@ def shape_features(a: np.ndarray) -> np.ndarray:
     top4, bottom4 = _band(rows, h / 4, False), _band(rows, h / 4, True)
     sides = _band(cols, w / 4, False) + _band(cols, w / 4, True)  # [K,Wc]
     corner = 2 * (w / 4) * (h / 4)
-    return np.stack([
+    return np.concatenate([np.stack([
         a.sum(axis=(1, 2)) / (w * h),
         (top3 * row_mass).sum(axis=1) / (w * h / 3),
         (bottom3 * row_mass).sum(axis=1) / (w * h / 3),
         np.log(w / h),
         np.einsum("khw,kh,kw->k", a, top4, sides) / corner,
         np.einsum("khw,kh,kw->k", a, bottom4, sides) / corner,
-    ], axis=1).astype(np.float32)
+    ], axis=1), radial_harmonics(a)], axis=1).astype(np.float32)
+
+
+def radial_harmonics(a: np.ndarray, orders: tuple[int, ...] = (3, 4, 5)) -> np.ndarray:
+    """Coverage crops [K,Hc,Wc] -> [K,len(orders)]: magnitudes of the outline radius's
+    angular harmonics, relative to its mean. The radius in each of RADIAL_BINS angular
+    bins is the farthest covered (>= 0.5) pixel from the coverage centroid; an n-pointed
+    shape has a strong n-th harmonic whatever its rotation."""
+    k, hc, wc = a.shape
+    yy, xx = np.mgrid[0:hc, 0:wc].astype(np.float32)
+    mass = a.sum(axis=(1, 2))
+    dy = yy[None] - ((a * yy).sum(axis=(1, 2)) / mass)[:, None, None]
+    dx = xx[None] - ((a * xx).sum(axis=(1, 2)) / mass)[:, None, None]
+    covered = a >= 0.5
+    kk = np.broadcast_to(np.arange(k)[:, None, None], a.shape)[covered]
+    angle = np.arctan2(dy[covered], dx[covered])
+    bins = ((angle + np.pi) * (RADIAL_BINS / (2 * np.pi))).astype(np.int64) % RADIAL_BINS
+    radius = np.zeros((k, RADIAL_BINS), dtype=np.float32)
+    np.maximum.at(radius, (kk, bins), np.hypot(dx[covered], dy[covered]) + 0.5)
+    spectrum = np.abs(np.fft.rfft(radius, axis=1)) / np.maximum(radius.sum(axis=1, keepdims=True),
+                                                                1e-6)
+    return spectrum[:, list(orders)]
 
 
 def classify_shapes(feats: np.ndarray) -> tuple[list[str | None], np.ndarray]:
-    """Nearest prototype per component -> (class or None, confidence float [K])."""
-    d = np.linalg.norm((feats[:, None, :] - PROTOTYPES[None]) / FEATURE_STD, axis=-1)  # [K,4]
+    """Nearest class per component -> (class or None, confidence float [K])."""
+    std = np.maximum(CLASS_STD, STD_FLOOR)
+    d = np.linalg.norm((feats[:, None, :] - PROTOTYPES[None]) / std[None], axis=-1)  # [K,4]
+    stretch = np.abs(feats[:, None, 3] - PROTOTYPES[None, :, 3])  # [K,4] |log aspect ratio|
+    d = np.where(stretch <= np.log(MAX_STRETCH), d, np.inf)
     d1, d2 = np.sort(d, axis=1)[:, :2].T
-    conf = d2 / (d1 + d2 + 1e-9)
+    finite = np.isfinite(d2)  # a second candidate class within MAX_STRETCH
+    with np.errstate(invalid="ignore"):  # inf / inf where no class is within MAX_STRETCH
+        conf = np.where(finite, d2 / (d1 + d2 + 1e-9), 1.0)
     nearest = d.argmin(axis=1)
     shapes = [CLASSES[i] if dist <= MAX_SHAPE_DIST else None
               for i, dist in zip(nearest, d1, strict=True)]
@@ -242,7 +289,7 @@ class Components:
     image: np.ndarray  # int [K]: which image each is in
     boxes: np.ndarray  # int [K,4]: x0, y0, x1, y1 (exclusive)
     area: np.ndarray  # int [K]: foreground pixels
-    features: np.ndarray  # float32 [K,6]: see FEATURE_NAMES
+    features: np.ndarray  # float32 [K,9]: see FEATURE_NAMES
     colors: list[str | None]
 
 
@@ -260,7 +307,7 @@ def find_components(images: np.ndarray) -> Components:
     sel = keep[comp]
     pix, comp, roots, area = pix[sel], (np.cumsum(keep) - 1)[comp[sel]], roots[keep], area[keep]
     if len(roots) == 0:
-        return Components(roots, np.zeros((0, 4), int), area, np.zeros((0, 6), np.float32), [])
+        return Components(roots, np.zeros((0, 4), int), area, np.zeros((0, len(FEATURE_NAMES)), np.float32), [])
     boxes = _boxes((pix // w) % h, pix % w, comp, len(roots))
     features = shape_features(_coverage_crops(alpha, labels, roots, boxes))
     colours = _colours(codes.ravel()[pix], comp, len(roots))

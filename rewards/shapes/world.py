@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 CLASSES = ("circle", "square", "triangle", "star")
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange")
@@ -349,12 +349,54 @@ def _check_metadata(metadata: dict) -> None:
             raise ValueError(f"include and exclude contradict each other: {metadata}")
 
 
-def render_scene(metadata: dict, rng: np.random.Generator, size: int = 64
-                 ) -> tuple[np.ndarray, list[DrawnObject]]:
+@dataclass(frozen=True)
+class Distortion:
+    """How far a drawn shape may stray from its ideal outline, the way a generator's do:
+    each object is stretched along x (or y) by a factor in [1, stretch], rotated by up to
+    `rotation` degrees and has its corners rounded with a radius of up to `rounding` times
+    its width. ShapesEval's tolerance is calibrated on such renders
+    (`rewards.shapes.benchmark.measure_prototypes`); pretraining never uses them."""
+
+    stretch: float = 1.4
+    rotation: float = 10.0
+    rounding: float = 0.06
+
+
+def _draw_distorted(canvas: Image.Image, o: DrawnObject, d: Distortion,
+                    rng: np.random.Generator) -> None:
+    """Draw `o` on the supersampled `canvas` with a random distortion within `d`."""
+    s = SUPERSAMPLE
+    x0, y0, x1, y1 = (v * s for v in o.box)
+    mask = Image.new("L", canvas.size, 0)
+    draw = ImageDraw.Draw(mask)
+    if o.cls == "circle":
+        draw.ellipse((x0, y0, x1, y1), fill=255)
+    else:
+        draw.polygon([(x0 + u * (x1 - x0), y0 + v * (y1 - y0)) for u, v in OUTLINES[o.cls]],
+                     fill=255)
+    if d.rounding > 0:  # blur and re-threshold: convex corners become arcs
+        radius = rng.uniform(0, d.rounding) * (x1 - x0)
+        mask = mask.filter(ImageFilter.GaussianBlur(radius)).point(lambda v: 255 * (v >= 128))
+    # inverse affine map about the box centre: output (x, y) samples input A^-1 (x - c) + c
+    a = math.exp(rng.uniform(-math.log(d.stretch), math.log(d.stretch)))  # aspect factor
+    t = math.radians(rng.uniform(-d.rotation, d.rotation))
+    sx, sy = math.sqrt(a), 1 / math.sqrt(a)
+    cos, sin = math.cos(t), math.sin(t)
+    inv = np.array([[cos / sx, sin / sx], [-sin / sy, cos / sy]])  # (R S)^-1 = S^-1 R^T
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    off = np.array([cx, cy]) - inv @ np.array([cx, cy])
+    mask = mask.transform(mask.size, Image.AFFINE, (*inv[0], off[0], *inv[1], off[1]),
+                          resample=Image.BILINEAR)
+    canvas.paste(PALETTE[o.color], mask=mask.point(lambda v: 255 * (v >= 128)))
+
+
+def render_scene(metadata: dict, rng: np.random.Generator, size: int = 64,
+                 distortion: Distortion | None = None) -> tuple[np.ndarray, list[DrawnObject]]:
     """Draw exactly the objects `metadata` includes; returns (uint8 [size, size, 3], objects).
 
     Uncoloured objects get a uniform colour from `allowed_colors` (each object its own).
-    Objects never touch; position clauses hold under the stricter render rule.
+    Objects never touch; position clauses hold under the stricter render rule. With a
+    `distortion` each object is drawn bent within it (and may then come closer than GAP).
     """
     _check_metadata(metadata)
     for _attempt in range(100):
@@ -367,6 +409,9 @@ def render_scene(metadata: dict, rng: np.random.Generator, size: int = 64
     canvas = Image.new("RGB", (size * s, size * s), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     for o in objects:
+        if distortion is not None:
+            _draw_distorted(canvas, o, distortion, rng)
+            continue
         x0, y0, x1, y1 = (v * s for v in o.box)
         if o.cls == "circle":
             draw.ellipse((x0, y0, x1, y1), fill=PALETTE[o.color])
