@@ -7,7 +7,8 @@ drives any of them.
 * :class:`SelfConfidenceWorker`: SOLACE's self-confidence with its own copy of the
   policy, at the weight version that generated the rollout (DESIGN.md section 4).
 * :class:`ExternalRewardWorker`: any scorer class named ``"module:Class"``, on images
-  decoded by its own copy of the VAE.
+  decoded by its own copy of the VAE; ``rewards.http:HttpScorer`` makes it the client of
+  a remote reward server (``rewards.serve``).
 
 Probe seeding: see ``rewards.self_confidence.score_rollout`` (per group, from the run
 seed, the weight version and the group's first sample), so a group's score depends
@@ -16,7 +17,6 @@ neither on the actor that ran it nor on the other groups of its call.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +33,7 @@ from policy.sampler import (
 )
 from policy.weights import FlatWeights
 from rewards.self_confidence import Aggregation, score_rollout
+from rewards.wire import import_scorer, reward_array  # the scorer contract (re-exported here)
 
 
 @dataclass
@@ -112,31 +113,6 @@ class SelfConfidenceWorker:
             weight_version=version,
             reward_name=self.reward_name,
         )
-
-
-def import_scorer(path: str, kwargs: dict[str, Any] | None = None) -> Any:
-    """Build ``Class(**kwargs)`` from ``"package.module:Class"``."""
-    module_name, sep, attr = path.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"scorer must look like 'package.module:Class', got {path!r}")
-    module = importlib.import_module(module_name)
-    if not hasattr(module, attr):
-        raise ValueError(f"scorer {path!r}: module {module_name!r} has no attribute {attr!r}")
-    return getattr(module, attr)(**(kwargs or {}))
-
-
-def reward_array(out: Any, n: int, name: str) -> np.ndarray:
-    """A scorer's output as float32 ``[n]``: an array, or an object with ``.reward``/``.partial``."""
-    for attr in ("reward", "partial"):
-        if hasattr(out, attr):
-            out = getattr(out, attr)
-            break
-    reward = np.asarray(out, dtype=np.float32)
-    if reward.shape != (n,):
-        raise ValueError(f"reward {name!r}: scorer returned shape {reward.shape} for {n} images")
-    if not np.isfinite(reward).all():
-        raise ValueError(f"reward {name!r}: scorer returned non-finite values {reward}")
-    return reward
 
 
 class ExternalRewardWorker:
