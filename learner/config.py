@@ -148,13 +148,74 @@ class RewardPoolConfig(_Section):
 
 class ExternalRewardConfig(_Section):
     name: str = Field(description="reward name in metrics and samples.jsonl")
-    kind: Literal["actor"] = Field("actor", description="'actor': a scorer class in the cluster")
-    target: str = Field(description="'module:Class' of a scorer (images, prompts, metadata) -> [N]")
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="constructor arguments")
+    kind: Literal["actor", "http"] = Field(
+        "actor", description="'actor': a scorer class run in the cluster (target); 'http': a "
+        "reward server (python -m rewards.serve) at url, called from a client actor"
+    )
+    target: str | None = Field(
+        None, description="kind actor: 'module:Class' of a scorer (images, prompts, metadata) -> [N]"
+    )
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="kind actor: constructor arguments")
+    url: str | None = Field(None, description="kind http: base URL of the server, http(s)://host:port")
+    token_env: str | None = Field(
+        "SOLACE_REWARD_TOKEN", description="kind http: environment variable holding the bearer "
+        "token, on the driver and where the reward actors run; null: send none"
+    )
+    timeout_s: float = Field(30.0, gt=0, description="kind http: time limit of one HTTP attempt")
+    max_retries: int = Field(
+        3, ge=0, description="kind http: retries of a call after a timeout, connection error or 5xx"
+    )
+    backoff_s: float = Field(0.5, ge=0, description="kind http: first retry delay, doubled each retry")
+    circuit_failures: int = Field(
+        3, ge=1, description="kind http: failed calls in a row after which calls fail fast"
+    )
+    verify_tls: bool | str = Field(
+        True, description="kind http, https URLs: true (system CAs), a PEM certificate/CA file "
+        "path, or false (no check)"
+    )
+    on_failure: Literal["stop", "drop"] = Field(
+        "stop", description="when the reward fails for good mid-run: 'stop' saves a checkpoint and "
+        "stops; 'drop' trains on without it, the other weights rescaled to the original total"
+    )
     weight: float = Field(1.0, description="weight in the combined advantage")
     num_actors: int = Field(1, ge=1, description="actors for this reward")
     num_cpus: float = Field(1.0, ge=0, description="CPUs per actor")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor")
+
+    @model_validator(mode="after")
+    def _fields_of_kind(self) -> ExternalRewardConfig:
+        http_only = {"url", "token_env", "timeout_s", "max_retries", "backoff_s",
+                     "circuit_failures", "verify_tls"}
+        if self.kind == "actor":
+            if not self.target:
+                raise ValueError(f"reward {self.name!r}: kind 'actor' needs target: "
+                                 "'package.module:Class' of a scorer")
+            other = http_only
+        else:
+            if not self.url or not self.url.startswith(("http://", "https://")):
+                raise ValueError(f"reward {self.name!r}: kind 'http' needs url: "
+                                 f"http(s)://host:port of a reward server, got {self.url!r}")
+            other = {"target", "kwargs"}
+        # Set to a non-default value (a saved config.yaml holds every field, at defaults).
+        fields = type(self).model_fields
+        wrong = sorted(f for f in other if getattr(self, f) != fields[f].get_default(
+            call_default_factory=True))
+        if wrong:
+            raise ValueError(f"reward {self.name!r}: {', '.join(wrong)} only appl"
+                             f"{'ies' if len(wrong) == 1 else 'y'} to kind "
+                             f"{'actor' if self.kind == 'http' else 'http'}")
+        return self
+
+    def http_kwargs(self) -> dict[str, Any]:
+        """Constructor arguments of ``rewards.http.HttpScorer`` (kind http)."""
+        return dict(url=self.url, token_env=self.token_env, timeout_s=self.timeout_s,
+                    max_retries=self.max_retries, backoff_s=self.backoff_s,
+                    circuit_failures=self.circuit_failures, verify_tls=self.verify_tls)
+
+    def worst_case_s(self) -> float:
+        """Longest an HTTP call can take through its retries (kind http)."""
+        return ((self.max_retries + 1) * self.timeout_s
+                + self.backoff_s * (2 ** self.max_retries - 1))
 
 
 class LearnerConfig(_Section):
@@ -215,6 +276,19 @@ class Config(_Section):
         names = ["self_confidence"] + [r.name for r in self.external_rewards]
         if len(set(names)) != len(names):
             raise ValueError(f"external_rewards: reward names must be distinct, got {names}")
+        return self
+
+    @model_validator(mode="after")
+    def _http_retries_fit_the_pool_timeout(self) -> Config:
+        # The pool restarts an actor whose call overruns reward_pool.timeout_s: the client's
+        # own retries must end first, or they are cut off mid-way.
+        for r in self.external_rewards:
+            if r.kind == "http" and r.worst_case_s() >= self.reward_pool.timeout_s:
+                raise ValueError(
+                    f"external_rewards {r.name!r}: (max_retries + 1) * timeout_s + backoff = "
+                    f"{r.worst_case_s():.1f} s must be under reward_pool.timeout_s = "
+                    f"{self.reward_pool.timeout_s} s; lower timeout_s/max_retries or raise "
+                    "reward_pool.timeout_s")
         return self
 
 

@@ -16,12 +16,19 @@ Rollouts for step k+1 are sampled while the learner trains on step k whenever
 A group is sampled with one weight version and scored with that same version (the
 reward pool is handed that version's weight ref with each call). Only this process
 calls ``ray.get``; rollouts travel actor to actor as ``ObjectRef``s.
+
+External rewards of kind ``http`` are checked before any actor starts (``GET /health``
+with the token). A reward whose pool gives up mid-run (``RewardError``: retries used up,
+server gone, circuit open) is handled by its ``on_failure``: ``stop`` saves a checkpoint
+and raises :class:`RewardStopped`; ``drop`` stops scoring with it and trains on with the
+other rewards, their weights rescaled to the original total (:func:`on_reward_failure`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import time
@@ -36,7 +43,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from actors.pool import RewardPool
+from actors.pool import RewardError, RewardPool
 from actors.reward import ExternalRewardWorker, Scores, SelfConfidenceWorker
 from actors.rollout import RolloutWorker
 from learner.config import Config, ConfigError, load_config
@@ -47,9 +54,28 @@ from learner.prompts import PromptCursor, load_prompts
 from policy.grid import prompt_lines, save_grid
 from policy.pipeline import save_lora_state
 from policy.sampler import suffix_window
+from rewards.http import HttpScorer
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_solace.yaml"
 SC = "self_confidence"
+HTTP_SCORER = "rewards.http:HttpScorer"  # the scorer of kind-http external rewards
+logger = logging.getLogger(__name__)
+
+
+class RewardFailure(RuntimeError):
+    """A reward's pool gave up on a call mid-run; ``reward`` names it."""
+
+    def __init__(self, reward: str, error: RewardError) -> None:
+        super().__init__(f"reward {reward!r}: {error}")
+        self.reward, self.error = reward, error
+
+
+class RewardStopped(RuntimeError):
+    """The run stopped because a reward failed (``on_failure: stop``), after a checkpoint."""
+
+    def __init__(self, message: str, reward: str, checkpoint: Path) -> None:
+        super().__init__(message)
+        self.reward, self.checkpoint = reward, checkpoint
 
 
 @dataclass
@@ -90,15 +116,21 @@ class Service:
             require_resource=rp.require_resource, control_name=rp.control_name,
         )}
         for ext in cfg.external_rewards:
+            # kind http: the client actor of a reward server, the remote external reward
+            target, kwargs = ((HTTP_SCORER, ext.http_kwargs()) if ext.kind == "http"
+                              else (ext.target, ext.kwargs))
             self.pools[ext.name] = RewardPool(
-                partial(ExternalRewardWorker, ext.target, ext.name, m.path, "float32", m.device,
-                        1, ext.kwargs, rows),
+                partial(ExternalRewardWorker, target, ext.name, m.path, "float32", m.device,
+                        1, kwargs, rows),
                 ext.num_actors, timeout_s=rp.timeout_s, max_retries=rp.max_retries,
                 max_restarts=rp.max_restarts, num_cpus=ext.num_cpus, num_gpus=ext.num_gpus,
                 control_name=f"{rp.control_name}-{ext.name}",
             )
-        for pool in self.pools.values():
-            pool.wait_ready()
+        for name, pool in self.pools.items():
+            try:
+                pool.wait_ready()
+            except RewardError as e:
+                raise RewardError(f"reward {name!r}: {e}", last_error=e.last_error) from e
         self.learner = LearnerGroup(
             cfg.learner.num_ranks, lora=lora, grpo=cfg.grpo, model_path=m.path, dtype=m.dtype,
             device=m.device, num_threads=cfg.learner.num_threads, num_cpus=cfg.learner.num_cpus,
@@ -142,13 +174,24 @@ class Service:
         return work
 
     def gather(self, inflight: dict[int, StepWork], step: int) -> None:
-        """Collect scores (of any step) until every call of ``step`` has every reward."""
+        """Collect scores (of any step) until every call of ``step`` has every reward.
+
+        Raises :class:`RewardFailure` naming the reward whose pool gave up on a call.
+        """
         work = inflight[step]
         want = len(work.refs)
         while any(len(work.scores[name]) < want for name in self.pools):
             for name, pool in self.pools.items():
-                for (s, call), scores in pool.collect(timeout=0.05):
+                try:
+                    done = pool.collect(timeout=0.05)
+                except RewardError as e:
+                    raise RewardFailure(name, e) from e
+                for (s, call), scores in done:
                     inflight[s].scores[name][call] = scores
+
+    def drop(self, name: str) -> None:
+        """Stop scoring with reward ``name``: its pool and its actors go."""
+        self.pools.pop(name).shutdown()
 
     def close(self) -> None:
         for pool in self.pools.values():
@@ -170,11 +213,13 @@ def check_versions(work: StepWork) -> None:
                                f"{scores.weight_version}, sampled with {work.version}")
 
 
-def write_samples(log, work: StepWork, rewards: dict[str, np.ndarray], adv, trained_at: int):
+def write_samples(log, work: StepWork, rewards: dict[str, np.ndarray], adv, trained_at: int,
+                  missing: tuple[str, ...] = ()):
     """One line per sample: who made it, with which version, what it scored.
 
     ``sample_version`` is the version the step was launched with; it is the rollout's own,
     since a reward worker refuses weights of any other version than the rollout's.
+    Rewards in ``missing`` (dropped, so not used for this step) are written as null.
     """
     n = 0
     for call in range(len(work.refs)):
@@ -185,6 +230,7 @@ def write_samples(log, work: StepWork, rewards: dict[str, np.ndarray], adv, trai
                    "trained_at_version": trained_at, "advantage": float(adv.values[n + i]),
                    "kept": bool(adv.keep[n + i])}
             row.update({f"reward/{k}": float(v[n + i]) for k, v in rewards.items()})
+            row.update({f"reward/{k}": None for k in missing})
             log.write(json.dumps(row) + "\n")
         n += len(sc.sample_keys)
 
@@ -209,6 +255,53 @@ def save_checkpoint(run_dir: Path, service: Service, cursor: PromptCursor, step:
     shutil.rmtree(latest, ignore_errors=True)
     shutil.copytree(final / "lora", latest)
     return final
+
+
+def check_http_rewards(cfg: Config) -> None:
+    """``GET /health`` with the token on every kind-http reward: fails fast, before any actor."""
+    for ext in cfg.external_rewards:
+        if ext.kind == "http":
+            try:
+                with HttpScorer(**ext.http_kwargs()) as scorer:
+                    health = scorer.preflight()
+            except Exception as e:  # the message names the URL and the status or the cause
+                raise RuntimeError(f"external reward {ext.name!r}: preflight failed: {e}") from None
+            print(f"reward {ext.name!r}: {ext.url} serves {health.name} (version "
+                  f"{health.version})", flush=True)
+
+
+def on_reward_failure(failure: RewardFailure, cfg: Config, service: Service,
+                      weights: dict[str, float], run_dir: Path, cursor: PromptCursor,
+                      step: int) -> dict[str, float]:
+    """Apply the failed reward's ``on_failure``; returns the weights to train on with.
+
+    * ``drop``: the reward's pool is shut down; the remaining rewards' weights are rescaled
+      to sum to the original total (so the advantage keeps its scale); steps not trained
+      yet use them, and their samples record the dropped reward as null.
+    * ``stop`` (and always for self-confidence, or when nothing is left to rescale):
+      checkpoint at ``step`` (the steps trained so far), then raise :class:`RewardStopped`.
+    """
+    name = failure.reward
+    ext = next((e for e in cfg.external_rewards if e.name == name), None)
+    where = f" ({ext.url})" if ext is not None and ext.kind == "http" else ""
+    rest = {k: w for k, w in weights.items() if k != name}
+    total, kept = sum(weights.values()), sum(rest.values())
+    if ext is not None and ext.on_failure == "drop" and kept != 0 and total != 0:
+        service.drop(name)
+        renormalised = {k: w * total / kept for k, w in rest.items()}
+        logger.warning("reward %r%s failed for good at step %d: %s; on_failure=drop: training "
+                       "on without it, remaining weights renormalised to %s (total %g)",
+                       name, where, step, failure.error, renormalised, total)
+        return renormalised
+    reason = ("self-confidence cannot be dropped" if ext is None
+              else "on_failure=stop" if ext.on_failure == "stop"
+              else "on_failure=drop, but the remaining weights sum to 0")
+    checkpoint = save_checkpoint(run_dir, service, cursor, step)
+    raise RewardStopped(
+        f"reward {name!r}{where} failed for good at step {step}: {failure.error}. {reason}: "
+        f"saved checkpoint {checkpoint}; continue with `python -m learner.main --resume "
+        f"{run_dir}` once the reward works again (or set on_failure: drop)", name, checkpoint,
+    ) from failure
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -242,6 +335,7 @@ def local_cpus(cfg: Config) -> int:
 def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
     """Run the service for ``cfg.train.steps`` steps; returns the run directory."""
     rows = load_prompts(cfg.train.prompts)
+    check_http_rewards(cfg)  # an unreachable server or a wrong token fails here, not mid-run
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     service = Service(cfg, rows)
@@ -272,12 +366,19 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
                     inflight[next_launch] = service.launch(next_launch, version, picked)
                     next_launch += 1
                 # rollouts -> scores, taken as they finish
-                service.gather(inflight, step)
+                while True:
+                    try:
+                        service.gather(inflight, step)
+                        break
+                    except RewardFailure as failure:  # on_failure: stop (raises) or drop
+                        weights = on_reward_failure(failure, cfg, service, weights, run_dir,
+                                                    cursor, step)
+                        metrics_server.reward_names.remove(failure.reward)
                 work = inflight.pop(step)
                 check_versions(work)
                 t1 = time.perf_counter()
                 # scores -> advantages over the whole step (global std needs all of it)
-                rewards = rewards_of(work, names)
+                rewards = rewards_of(work, list(weights))  # the rewards not dropped
                 group_ids = torch.arange(len(rewards[SC])) // cfg.grpo.group_size
                 adv = combine_advantages(
                     {k: torch.from_numpy(v) for k, v in rewards.items()}, weights, group_ids,
@@ -293,13 +394,16 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
                 version += 1
                 push_s = service.publish(version)
                 # log
-                write_samples(samples, work, rewards, adv, version - 1)
+                dropped = tuple(n for n in names if n not in weights)
+                write_samples(samples, work, rewards, adv, version - 1, dropped)
                 samples.flush()
                 n = len(rewards[SC])
                 metrics.update(advantage_metrics(adv))
                 for name, r in rewards.items():
                     metrics[f"reward/{name}/mean"] = float(r.mean())
                     metrics[f"reward/{name}/std"] = float(r.std())
+                    metrics[f"reward/{name}/weight"] = weights[name]
+                metrics["reward/dropped"] = len(dropped)
                 for pool in service.pools.values():
                     pool.sync_control()  # a size set from outside (python -m actors.scale)
                 metrics.update(service.pools[SC].metrics())

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from learner.config import Config, ConfigError, load_config
 from policy.pretrain import load_pretrain_config
@@ -55,3 +56,39 @@ def test_bad_override_syntax_and_missing_file():
         load_config(None, ["grpo.beta"])
     with pytest.raises(ConfigError, match="not found"):
         load_config("configs/nope.yaml")
+
+
+HTTP = 'external_rewards=[{name: shapes, kind: http, url: "http://127.0.0.1:8765"%s}]'
+
+
+def test_an_http_reward_gets_the_client_defaults_and_stops_on_failure_by_default():
+    reward = load_config(None, [HTTP % ""]).external_rewards[0]
+    assert (reward.kind, reward.target, reward.token_env) == ("http", None, "SOLACE_REWARD_TOKEN")
+    assert reward.on_failure == "stop" and reward.verify_tls is True
+    assert reward.http_kwargs()["url"] == "http://127.0.0.1:8765"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ('external_rewards=[{name: s, kind: http}]', "kind 'http' needs url"),
+        ('external_rewards=[{name: s, kind: http, url: "127.0.0.1:8765"}]', "kind 'http' needs url"),
+        ('external_rewards=[{name: s}]', "kind 'actor' needs target"),
+        ('external_rewards=[{name: s, target: "a:B", url: "http://h:1"}]', "url only applies to kind http"),
+        (HTTP % ', target: "a:B"', "target only applies to kind actor"),
+        (HTTP % ", on_failure: retry", "on_failure"),
+        (HTTP % ", bogus: 1", "bogus"),
+        (HTTP % ", timeout_s: 100", "must be under reward_pool.timeout_s"),
+    ],
+)
+def test_bad_external_rewards_name_the_problem(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_a_saved_config_with_an_actor_reward_loads_again(tmp_path):
+    # config.yaml of a run holds every field, http ones at their defaults included.
+    cfg = load_config(None, ['external_rewards=[{name: s, target: "a:B"}]'])
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    assert load_config(path) == cfg
