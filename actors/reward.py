@@ -18,14 +18,15 @@ neither on the actor that ran it nor on the other groups of its call.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from actors.rollout import PolicyReplica
-from policy.pipeline import LoraSpec, build_pipeline
+from policy.pipeline import LoraSpec, adapter_disabled, build_pipeline
 from policy.sampler import (
     Rollout,
     decode_images,
@@ -75,12 +76,18 @@ class SelfConfidenceWorker:
         probe_fraction: float = 0.5,
         delta: float = 1e-6,
         aggregation: Aggregation = "paper",
+        guidance_scale: float = 1.0,
+        scoring_policy: Literal["current", "base"] = "current",
     ) -> None:
         self.policy = PolicyReplica(model_path, dtype, device, num_threads, lora)
         self.max_sequence_length = max_sequence_length
         self.run_seed = run_seed
         self.num_probes, self.probe_fraction = num_probes, probe_fraction
         self.delta, self.aggregation = delta, aggregation
+        # Ablations of SOLACE's choices: CFG in the scoring velocity, the frozen base model.
+        self.guidance_scale, self.scoring_policy = guidance_scale, scoring_policy
+        self.negative = (encode_prompts(self.policy.pipe, [""], max_sequence_length)
+                         if guidance_scale != 1.0 else None)
 
     @property
     def version(self) -> int | None:
@@ -103,9 +110,12 @@ class SelfConfidenceWorker:
         version = self.policy.load(weights)
         r = rollout.torch(self.policy.device)
         cond = encode_prompts(self.policy.pipe, r.prompts, self.max_sequence_length)
-        reward, per_step = score_rollout(
-            self.policy.pipe.transformer, r, cond, self.run_seed, self.num_probes,
-            self.probe_fraction, self.delta, self.aggregation)
+        transformer = self.policy.pipe.transformer
+        offline = adapter_disabled(transformer) if self.scoring_policy == "base" else nullcontext()
+        with offline:
+            reward, per_step = score_rollout(
+                transformer, r, cond, self.run_seed, self.num_probes, self.probe_fraction,
+                self.delta, self.aggregation, self.guidance_scale, self.negative)
         return Scores(
             sample_keys=sample_keys(rollout),
             reward=reward.float().cpu().numpy(),

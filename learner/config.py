@@ -84,6 +84,17 @@ class SelfConfidenceConfig(_Section):
         "paper", description="paper: mean of S_t; official: per-step z-score in the group x t(1-t)"
     )
     weight: float = Field(1.0, description="weight of this reward in the combined advantage")
+    enabled: bool = Field(
+        True, description="false: no self-confidence reward (external rewards only, Flow-GRPO)"
+    )
+    guidance_scale: float = Field(
+        1.0, ge=1.0, description="CFG scale of the scoring velocity; 1 = the conditional "
+        "velocity, as SOLACE scores (> 1 only to ablate it)"
+    )
+    policy: Literal["current", "base"] = Field(
+        "current", description="score with the policy that sampled (online, SOLACE) or with the "
+        "frozen base model (offline, an ablation)"
+    )
 
     @model_validator(mode="after")
     def _even(self) -> SelfConfidenceConfig:
@@ -270,6 +281,16 @@ class Config(_Section):
     learner: LearnerConfig = LearnerConfig()
     ray: RayConfig = RayConfig()
     metrics: MetricsConfig = MetricsConfig()
+
+    @model_validator(mode="after")
+    def _some_reward_trains(self) -> Config:
+        weights = [r.weight for r in self.external_rewards]
+        if self.self_confidence.enabled:
+            weights.append(self.self_confidence.weight)
+        if not any(w != 0 for w in weights):
+            raise ValueError("no reward to train on: enable self_confidence or add an external "
+                             "reward with a non-zero weight (weight 0 only watches a reward)")
+        return self
 
     @model_validator(mode="after")
     def _distinct_reward_names(self) -> Config:

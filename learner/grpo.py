@@ -87,6 +87,8 @@ def combine_advantages(
     * ``"rewards"``: ``A = adv(sum_k w_k r_k)``.
     * ``"advantages"`` (SOLACE's hybrid rule): ``A = sum_k w_k adv(r_k)``; a group is
       dropped only if every reward is flat in it.
+
+    A reward of weight 0 is only watched: it never moves an advantage or keeps a group.
     """
     if set(rewards) != set(weights):
         raise ValueError(
@@ -99,7 +101,8 @@ def combine_advantages(
         raise ValueError(f"combine rule must be 'advantages' or 'rewards', got {rule!r}")
     parts = {k: group_advantages(r, group_ids, std_mode, clip, eps) for k, r in rewards.items()}
     weighted = {k: weights[k] * p.values for k, p in parts.items()}
-    keep = torch.stack([p.keep for p in parts.values()]).any(dim=0)
+    used = [p.keep for k, p in parts.items() if weights[k] != 0]
+    keep = torch.stack(used).any(dim=0) if used else torch.zeros_like(group_ids, dtype=torch.bool)
     dropped = len(torch.unique(group_ids[~keep]))
     return Advantages(
         sum(weighted.values()), keep, len(torch.unique(group_ids)), dropped, parts=weighted

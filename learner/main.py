@@ -107,14 +107,16 @@ class Service:
             for _ in range(cfg.rollout.num_actors)
         ]
         sc, rp = cfg.self_confidence, cfg.reward_pool
-        self.pools = {SC: RewardPool(
-            partial(SelfConfidenceWorker, m.path, m.dtype, m.device, rp.num_threads, lora,
-                    m.max_sequence_length, cfg.seed, sc.num_probes, sc.probe_fraction, sc.delta,
-                    sc.aggregation),
-            rp.num_actors, timeout_s=rp.timeout_s, max_retries=rp.max_retries,
-            max_restarts=rp.max_restarts, num_cpus=rp.num_cpus, num_gpus=rp.num_gpus,
-            require_resource=rp.require_resource, control_name=rp.control_name,
-        )}
+        self.pools: dict[str, RewardPool] = {}
+        if sc.enabled:
+            self.pools[SC] = RewardPool(
+                partial(SelfConfidenceWorker, m.path, m.dtype, m.device, rp.num_threads, lora,
+                        m.max_sequence_length, cfg.seed, sc.num_probes, sc.probe_fraction,
+                        sc.delta, sc.aggregation, sc.guidance_scale, sc.policy),
+                rp.num_actors, timeout_s=rp.timeout_s, max_retries=rp.max_retries,
+                max_restarts=rp.max_restarts, num_cpus=rp.num_cpus, num_gpus=rp.num_gpus,
+                require_resource=rp.require_resource, control_name=rp.control_name,
+            )
         for ext in cfg.external_rewards:
             # kind http: the client actor of a reward server, the remote external reward
             target, kwargs = ((HTTP_SCORER, ext.http_kwargs()) if ext.kind == "http"
@@ -206,11 +208,13 @@ def rewards_of(work: StepWork, names: list[str]) -> dict[str, np.ndarray]:
 
 
 def check_versions(work: StepWork) -> None:
-    """Every self-confidence score must come from the version that made its samples."""
-    for call, scores in work.scores[SC].items():
-        if scores.weight_version != work.version:
-            raise RuntimeError(f"step {work.step} call {call}: scored with weight version "
-                               f"{scores.weight_version}, sampled with {work.version}")
+    """Every score must be of the samples of the version that made them (self-confidence
+    scores with that version's weights; external scores carry the rollout's version)."""
+    for name, calls in work.scores.items():
+        for call, scores in calls.items():
+            if scores.weight_version != work.version:
+                raise RuntimeError(f"step {work.step} call {call}: {name} scored weight version "
+                                   f"{scores.weight_version}, sampled with {work.version}")
 
 
 def write_samples(log, work: StepWork, rewards: dict[str, np.ndarray], adv, trained_at: int,
@@ -222,8 +226,9 @@ def write_samples(log, work: StepWork, rewards: dict[str, np.ndarray], adv, trai
     Rewards in ``missing`` (dropped, so not used for this step) are written as null.
     """
     n = 0
+    first = next(iter(work.scores))  # every reward scores the same samples, in order
     for call in range(len(work.refs)):
-        sc = work.scores[SC][call]
+        sc = work.scores[first][call]
         for i, (prompt_id, seed) in enumerate(sc.sample_keys):
             row = {"step": work.step, "prompt_id": prompt_id, "seed": seed,
                    "sample_version": work.version, "score_version": sc.weight_version,
@@ -350,7 +355,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
     version = start  # weight version v = optimizer steps taken
     service.publish(version)
     names = list(service.pools)
-    weights = {SC: cfg.self_confidence.weight} | {e.name: e.weight for e in cfg.external_rewards}
+    weights = ({SC: cfg.self_confidence.weight} if cfg.self_confidence.enabled else {}) | {
+        e.name: e.weight for e in cfg.external_rewards}
     steps_trained = list(range(*suffix_window(cfg.sampler.num_steps - 1, cfg.grpo.train_fraction)))
     inflight: dict[int, StepWork] = {}
     next_launch = start
@@ -379,7 +385,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
                 t1 = time.perf_counter()
                 # scores -> advantages over the whole step (global std needs all of it)
                 rewards = rewards_of(work, list(weights))  # the rewards not dropped
-                group_ids = torch.arange(len(rewards[SC])) // cfg.grpo.group_size
+                main_reward = next(iter(rewards))  # self-confidence unless disabled: bar, grids
+                group_ids = torch.arange(len(rewards[main_reward])) // cfg.grpo.group_size
                 adv = combine_advantages(
                     {k: torch.from_numpy(v) for k, v in rewards.items()}, weights, group_ids,
                     cfg.grpo.combine, cfg.grpo.std_mode, cfg.grpo.adv_clip, cfg.grpo.adv_eps)
@@ -397,7 +404,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
                 dropped = tuple(n for n in names if n not in weights)
                 write_samples(samples, work, rewards, adv, version - 1, dropped)
                 samples.flush()
-                n = len(rewards[SC])
+                n = len(rewards[main_reward])
                 metrics.update(advantage_metrics(adv))
                 for name, r in rewards.items():
                     metrics[f"reward/{name}/mean"] = float(r.mean())
@@ -406,7 +413,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
                 metrics["reward/dropped"] = len(dropped)
                 for pool in service.pools.values():
                     pool.sync_control()  # a size set from outside (python -m actors.scale)
-                metrics.update(service.pools[SC].metrics())
+                if SC in service.pools:
+                    metrics.update(service.pools[SC].metrics())
                 metrics.update({
                     "step": step, "rollout/staleness": staleness, "rollout/samples": n,
                     "rollout/samples_per_s": n / (time.perf_counter() - t0),
@@ -417,7 +425,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()
                 metrics_server.update(metrics)
-                bar.set_postfix(reward=f"{metrics[f'reward/{SC}/mean']:+.4f}",
+                bar.set_postfix(reward=f"{metrics[f'reward/{main_reward}/mean']:+.4f}",
                                 sps=f"{metrics['rollout/samples_per_s']:.1f}", stale=staleness)
                 last = step == cfg.train.steps - 1
                 if (step + 1) % cfg.train.save_every == 0 or last:
@@ -425,8 +433,9 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
                 if (step + 1) % cfg.metrics.grid_every == 0 or last:
                     images = ray.get(service.rollout_actors[0].decode.remote(work.refs[0]))
                     prompts = [p for _, p in work.groups[0] for _ in range(cfg.grpo.group_size)]
-                    captions = [prompt_lines(p) + [f"sc {r:+.3f}"]
-                                for p, r in zip(prompts, rewards[SC], strict=False)]
+                    label = "sc" if main_reward == SC else main_reward[:6]
+                    captions = [prompt_lines(p) + [f"{label} {r:+.3f}"]
+                                for p, r in zip(prompts, rewards[main_reward], strict=False)]
                     save_grid(run_dir / "grids" / f"step_{step:06d}.png", images, captions)
     finally:
         bar.close()

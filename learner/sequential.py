@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from learner.grpo import advantage_metrics, combine_advantages
 from learner.prompts import PromptCursor, load_prompts
 from learner.update import accumulate_grpo_gradients
 from policy.logprob import trained_steps
-from policy.pipeline import add_lora, build_pipeline, save_lora
+from policy.pipeline import adapter_disabled, add_lora, build_pipeline, save_lora
 from policy.sampler import (
     Conditioning,
     Rollout,
@@ -70,11 +71,14 @@ def sample_step(pipe, cfg: Config, cursor: PromptCursor, step: int, negative: Co
     return Batch(rollout, cond, group_ids)
 
 
-def score_step(pipe, cfg: Config, batch: Batch) -> torch.Tensor:
-    """SOLACE self-confidence of every sample, with the current policy and no CFG."""
+def score_step(pipe, cfg: Config, batch: Batch, negative: Conditioning) -> torch.Tensor:
+    """SOLACE self-confidence of every sample: by default with the current policy, no CFG."""
     sc = cfg.self_confidence
-    reward, _ = score_rollout(pipe.transformer, batch.rollout, batch.cond, cfg.seed,
-                              sc.num_probes, sc.probe_fraction, sc.delta, sc.aggregation)
+    base = adapter_disabled(pipe.transformer) if sc.policy == "base" else nullcontext()
+    with base:
+        reward, _ = score_rollout(pipe.transformer, batch.rollout, batch.cond, cfg.seed,
+                                  sc.num_probes, sc.probe_fraction, sc.delta, sc.aggregation,
+                                  sc.guidance_scale, negative)
     return reward
 
 
@@ -100,6 +104,9 @@ def update_step(pipe, cfg: Config, batch: Batch, advantages, negative, optimizer
 
 def train(cfg: Config, run_dir: Path | None = None) -> Path:
     """Run ``cfg.train.steps`` Flow-GRPO steps; returns the run directory."""
+    if not cfg.self_confidence.enabled or cfg.external_rewards:
+        raise ValueError("the sequential loop trains on self-confidence alone: set "
+                         "self_confidence.enabled true and no external_rewards, or use learner.main")
     torch.manual_seed(cfg.seed)
     run_dir = run_dir or Path(cfg.train.out_dir) / time.strftime("sequential-%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -118,7 +125,7 @@ def train(cfg: Config, run_dir: Path | None = None) -> Path:
             t0 = time.perf_counter()
             batch = sample_step(pipe, cfg, cursor, step, negative)  # prompts -> rollouts
             t1 = time.perf_counter()
-            reward = score_step(pipe, cfg, batch)  # rollouts -> self-confidence
+            reward = score_step(pipe, cfg, batch, negative)  # rollouts -> self-confidence
             t2 = time.perf_counter()
             adv = combine_advantages(  # rewards -> advantages
                 {"self_confidence": reward}, {"self_confidence": cfg.self_confidence.weight},

@@ -260,11 +260,14 @@ def predict_velocity(
     return v_uncond + guidance_scale * (v_cond - v_uncond)
 
 
-def conditional_velocity(transformer: torch.nn.Module):
-    """``velocity_fn(z_t, sigma, cond)`` without CFG, as the self-confidence reward wants."""
+def conditional_velocity(transformer: torch.nn.Module, negative: Conditioning | None = None,
+                         guidance_scale: float = 1.0):
+    """``velocity_fn(z_t, sigma, cond)``: without CFG by default, as the self-confidence
+    reward wants; with ``guidance_scale != 1`` (and the empty-prompt ``negative``) the CFG
+    field, for the ablation that shows why not."""
 
     def velocity_fn(z_t: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        return predict_velocity(transformer, z_t, sigma, cond)
+        return predict_velocity(transformer, z_t, sigma, cond, negative, guidance_scale)
 
     return velocity_fn
 

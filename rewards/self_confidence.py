@@ -168,8 +168,13 @@ def score_rollout(
     probe_fraction: float = 0.5,
     delta: float = 1e-6,
     aggregation: Aggregation = "paper",
+    guidance_scale: float = 1.0,
+    negative: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Self-confidence of a (torch) rollout's samples, one group at a time: ``[B]``, ``[B, P]``.
+
+    ``guidance_scale`` 1 (SOLACE's choice) scores the conditional velocity; any other
+    value scores the CFG field built with the empty-prompt ``negative`` (an ablation).
 
     Each group's probes come from ``derive_seed(run_seed, PROBE_STREAM, weight_version,
     prompt_id, seed of the group's first sample)``, so a group's reward depends neither
@@ -177,7 +182,7 @@ def score_rollout(
     and the reward actors give the same numbers.
     """
     window = suffix_window(rollout.spec.num_steps - 1, probe_fraction)
-    velocity = conditional_velocity(transformer)
+    velocity = conditional_velocity(transformer, negative, guidance_scale)
     rewards, per_step = [], []
     for rows in group_slices(rollout.prompt_ids):
         key = (int(rollout.prompt_ids[rows][0]), int(rollout.seeds[rows][0]))

@@ -165,6 +165,24 @@ def test_self_confidence_loads_the_rollouts_version(scorers, weights, rollouts):
     assert not np.allclose(b.score(as_v0, weights[0]).reward, s1.reward)
 
 
+def test_offline_scoring_uses_the_frozen_base_model(scorers, weights, rollouts):
+    """policy 'base' (an ablation) ignores the pushed LoRA: it scores like the base model,
+    i.e. like the initial adapter (LoRA B = 0) handed in under the rollout's version."""
+    offline = SelfConfidenceWorker(num_probes=4, scoring_policy="base", **policy_args())
+    online = SelfConfidenceWorker(num_probes=4, **policy_args())
+    base_as_v1 = dataclasses.replace(weights[0], version=1)
+    got = offline.score(rollouts["v1"], weights[1]).reward
+    np.testing.assert_array_equal(got, online.score(rollouts["v1"], base_as_v1).reward)
+    assert not np.allclose(got, scorers[0].score(rollouts["v1"], weights[1]).reward)
+
+
+def test_scoring_with_cfg_changes_the_reward(scorers, weights, rollouts):
+    with_cfg = SelfConfidenceWorker(num_probes=4, guidance_scale=4.5, **policy_args())
+    plain = scorers[0].score(rollouts["v0"], weights[0]).reward
+    guided = with_cfg.score(rollouts["v0"], weights[0]).reward
+    assert np.isfinite(guided).all() and not np.allclose(guided, plain)
+
+
 def test_self_confidence_refuses_weights_of_another_version(scorers, weights, rollouts):
     with pytest.raises(ValueError, match="version 0 .* version 1"):
         scorers[0].score(rollouts["v0"], weights[1])

@@ -86,6 +86,15 @@ def test_bad_external_rewards_name_the_problem(override, message):
         load_config(None, [override])
 
 
+def test_a_run_needs_a_reward_that_trains():
+    with pytest.raises(ConfigError, match="no reward to train on"):
+        load_config(None, ["self_confidence.enabled=false"])
+    shapes = '[{name: s, target: "a:B", weight: 0.0}]'
+    with pytest.raises(ConfigError, match="no reward to train on"):
+        load_config(None, ["self_confidence.enabled=false", f"external_rewards={shapes}"])
+    load_config(None, ["self_confidence.enabled=false", f"external_rewards={shapes.replace('0.0', '1.0')}"])
+
+
 def test_a_saved_config_with_an_actor_reward_loads_again(tmp_path):
     # config.yaml of a run holds every field, http ones at their defaults included.
     cfg = load_config(None, ['external_rewards=[{name: s, target: "a:B"}]'])

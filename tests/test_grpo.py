@@ -80,6 +80,18 @@ def test_two_rewards_combined_as_weighted_advantages():
     assert metrics["reward/groups_dropped"] == 1.0
 
 
+def test_a_weight_zero_reward_is_only_watched():
+    a = torch.tensor([1.0, 1.0, 2.0, 3.0])
+    watched = torch.tensor([0.0, 5.0, 1.0, 9.0])
+    groups = torch.tensor([0, 0, 1, 1])
+    got = combine_advantages({"a": a, "w": watched}, {"a": 1.0, "w": 0.0}, groups)
+    alone = combine_advantages({"a": a}, {"a": 1.0}, groups)
+    torch.testing.assert_close(got.values, alone.values)
+    # group 0 is flat in the trained reward: dropped although the watched one varies
+    assert got.keep.tolist() == [False, False, True, True]
+    assert advantage_metrics(got)["reward/w/adv_share"] == 0.0
+
+
 def test_combine_rejects_mismatched_names():
     with pytest.raises(ValueError, match="same rewards"):
         combine_advantages({"a": torch.ones(2)}, {"b": 1.0}, torch.zeros(2, dtype=torch.long))

@@ -145,6 +145,24 @@ def test_on_policy_ratio_is_one_every_step_and_resume_continues(local_ray, tmp_p
     assert all("reward/shapes/adv_share" in m and "reward/shapes/mean" in m for m in metrics)
 
 
+def test_external_reward_alone_trains_and_a_weight_zero_reward_is_recorded(local_ray, tmp_path):
+    """Flow-GRPO without self-confidence (self_confidence.enabled false), a watched reward."""
+    rewards = ('[{name: shapes, target: "rewards.shapes.reward:ShapesReward"}, '
+               '{name: bright, target: "rewards.colorful:Colorfulness", weight: 0.0}]')
+    cfg = load_config(REPO / "configs/tiny_solace.yaml", SMALL + [
+        "train.steps=2", "learner.max_staleness=0", "self_confidence.enabled=false",
+        "reward_pool.control_name=test-pool-external", f"external_rewards={rewards}"])
+    run_dir = train(cfg, tmp_path / "external")
+    metrics = _lines(run_dir / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [0, 1]
+    assert all("reward/self_confidence/mean" not in m for m in metrics)
+    assert all(m["reward/bright/adv_share"] == 0.0 for m in metrics)
+    samples = _lines(run_dir / "samples.jsonl")
+    assert len(samples) == 2 * 2 * 4
+    assert all("reward/self_confidence" not in s and s["reward/bright"] >= 0 for s in samples)
+    assert (run_dir / "lora").is_dir()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
