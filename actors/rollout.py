@@ -111,5 +111,5 @@ class RolloutWorker:
     @torch.no_grad()
     def decode(self, rollout: Rollout) -> np.ndarray:
         """The rollout's final images, uint8 ``[B, H, W, 3]`` (for sample grids)."""
-        final = torch.as_tensor(np.asarray(rollout.latents)[:, -1])
+        final = torch.tensor(np.asarray(rollout.latents)[:, -1])  # a copy: object-store arrays are read-only
         return decode_images(self.policy.pipe, final)
