@@ -282,20 +282,27 @@ class LearnerGroup:
         ``rollouts`` is one or a list of ``ObjectRef[Rollout]`` (numpy) or rollouts, in the
         order of ``advantages``; a rollout object is put once here. Returns the merged
         metrics of all ranks."""
-        import ray
+        return self.finish_train_step(self.submit_train_step(rollouts, advantages, keep, steps))
 
+    def submit_train_step(self, rollouts: ray.ObjectRef | Rollout | list, advantages: np.ndarray,
+                          keep: np.ndarray, steps: list[int]) -> list[ray.ObjectRef]:
+        """Start :meth:`train_step` on every rank; returns the ranks' result refs, so the
+        caller can do other work (keep the reward pools busy) until they are ready."""
         refs = [self._as_ref(r) for r in (rollouts if isinstance(rollouts, list) else [rollouts])]
-
         kept = np.flatnonzero(np.asarray(keep))
         if len(kept) == 0:
             raise ValueError("no kept samples: skip the update when every group was dropped")
         shards = np.array_split(kept, len(self.ranks))  # sizes differ by at most one
         count = max(1, math.ceil(len(shards[0]) / self.grpo.micro_batch))
         advantages = np.asarray(advantages, dtype=np.float32)
-        parts = ray.get([
-            rank.train_step.remote(advantages, shard, list(steps), len(kept), count, *refs)
-            for rank, shard in zip(self.ranks, shards, strict=True)
-        ])
+        return [rank.train_step.remote(advantages, shard, list(steps), len(kept), count, *refs)
+                for rank, shard in zip(self.ranks, shards, strict=True)]
+
+    def finish_train_step(self, refs: list[ray.ObjectRef]) -> dict[str, float]:
+        """The merged metrics of a submitted step (waits for it)."""
+        import ray
+
+        parts = ray.get(refs)
         metrics = merge_metrics(parts)
         metrics["timing/update_s"] = max(p["timing/update_s"] for p in parts)
         return metrics

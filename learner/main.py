@@ -140,6 +140,7 @@ class Service:
             require_resource=cfg.learner.require_resource,
         )
         self.weights: dict[int, ray.ObjectRef] = {}  # version -> ObjectRef[FlatWeights]
+        self.failure: RewardFailure | None = None  # seen during an update, raised by gather
 
     def publish(self, version: int) -> float:
         """Store weights ``version`` once and push the ref to every rollout actor.
@@ -180,16 +181,38 @@ class Service:
 
         Raises :class:`RewardFailure` naming the reward whose pool gave up on a call.
         """
+        if self.failure is not None:  # seen while an update was running
+            failure, self.failure = self.failure, None
+            raise failure
         work = inflight[step]
         want = len(work.refs)
         while any(len(work.scores[name]) < want for name in self.pools):
-            for name, pool in self.pools.items():
+            self.collect(inflight, timeout=0.05)
+
+    def collect(self, inflight: dict[int, StepWork], timeout: float) -> None:
+        """One round over the pools: dispatch queued calls, file the scores that are in."""
+        for name, pool in self.pools.items():
+            try:
+                done = pool.collect(timeout=timeout)
+            except RewardError as e:
+                raise RewardFailure(name, e) from e
+            for (s, call), scores in done:
+                inflight[s].scores[name][call] = scores
+
+    def wait_update(self, refs: list[ray.ObjectRef], inflight: dict[int, StepWork]) -> None:
+        """Wait for the learner's update while the reward pools keep working.
+
+        A pool hands a finished rollout to a reward actor only while it is pumped, so
+        without this the next step's rollouts would wait for the update to end before
+        being scored. A reward failure seen here is raised by the next :meth:`gather`,
+        once the update is complete.
+        """
+        while len(ray.wait(refs, num_returns=len(refs), timeout=0.02, fetch_local=False)[0]) < len(refs):
+            if self.failure is None:
                 try:
-                    done = pool.collect(timeout=0.05)
-                except RewardError as e:
-                    raise RewardFailure(name, e) from e
-                for (s, call), scores in done:
-                    inflight[s].scores[name][call] = scores
+                    self.collect(inflight, timeout=0.02)
+                except RewardFailure as failure:
+                    self.failure = failure
 
     def drop(self, name: str) -> None:
         """Stop scoring with reward ``name``: its pool and its actors go."""
@@ -394,8 +417,12 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
                 staleness = version - work.version
                 metrics = {}
                 if adv.keep.any():
-                    metrics = service.learner.train_step(work.refs, adv.values.numpy(),
-                                                         adv.keep.numpy(), steps_trained)
+                    pending = service.learner.submit_train_step(
+                        work.refs, adv.values.numpy(), adv.keep.numpy(), steps_trained)
+                    service.wait_update(pending, inflight)  # scoring of step + 1 goes on
+                    metrics = service.learner.finish_train_step(pending)
+                    # the ranks' own compute time; timing/update_s below is the driver's wait
+                    metrics["timing/learner_compute_s"] = metrics.pop("timing/update_s")
                 t2 = time.perf_counter()
                 # update -> publish weights v+1 to every rollout actor
                 version += 1
@@ -416,7 +443,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
                 if SC in service.pools:
                     metrics.update(service.pools[SC].metrics())
                 metrics.update({
-                    "step": step, "rollout/staleness": staleness, "rollout/samples": n,
+                    "step": step, "time": time.time(), "rollout/staleness": staleness,
+                    "rollout/samples": n,
                     "rollout/samples_per_s": n / (time.perf_counter() - t0),
                     "timing/wait_scores_s": t1 - t0, "timing/update_s": t2 - t1,
                     "timing/publish_s": push_s, "system/queue_depth": len(inflight),
