@@ -2,12 +2,13 @@
 
 Both loops run with the same config and seed for the same number of steps, in this
 process: ``learner.main.train`` on a new local Ray instance per run (shut down after it),
-and ``learner.sequential.train``. Neither writes a timestamp per step, so a thread stamps
-each line of ``metrics.jsonl`` as it appears (polling every 10 ms); a step's wall time is
-the gap between two stamps. The first ``warmup`` steps and the last one are not counted
-(the service has no next step to overlap its last step with):
+and ``learner.sequential.train``. A step ends when its line of ``metrics.jsonl`` is
+written: at the service's ``time`` (wall clock), and for the sequential loop, which
+writes no clock, after its ``timing/rollout_s + timing/score_s + timing/update_s`` (its
+whole step but the writing of the line). The first ``warmup`` steps and the last one
+are not counted (the service has no next step to overlap its last step with):
 
-    trained samples/s = sum(loss/samples of the timed steps) / (their last stamp - the stamp before)
+    trained samples/s = sum(loss/samples of the timed steps) / (end of the last - end of the step before)
 
 Checkpoints and sample grids are put outside that window (``save_every`` and
 ``grid_every`` past the last step, so they happen after it, as in the sequential loop,
@@ -27,12 +28,12 @@ import io
 import json
 import statistics
 import tempfile
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import accumulate
 from pathlib import Path
 
 import numpy as np
@@ -46,43 +47,15 @@ PUBLISH = ("LearnerRank.weights", "RolloutWorker.set_weights")
 PHASES = ("rollout", "scoring", "update", "transport", "publication")
 
 
-class LineClock:
-    """Stamps (``time.time()``) each new line of a file from a background thread."""
-
-    def __init__(self, path: Path, poll_s: float = 0.01):
-        self.path, self.poll_s, self.stamps = path, poll_s, []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        seen = 0
-        while not self._stop.is_set():
-            if self.path.exists():
-                lines = self.path.read_bytes().count(b"\n")
-                now = time.time()
-                self.stamps.extend([now] * (lines - seen))
-                seen = lines
-            time.sleep(self.poll_s)
-
-    def __enter__(self) -> LineClock:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        time.sleep(2 * self.poll_s)
-        self._stop.set()
-        self._thread.join()
-
-
 @dataclass
 class Run:
-    """One run of a loop: per-step stamps and metrics, and where its time went."""
+    """One run of a loop: when each step ended, its metrics, and where its time went."""
 
     kind: str  # "service" or "sequential"
     label: str
     overrides: list[str]
     warmup: int
-    stamps: list[float]
+    stamps: list[float]  # the end of each step, seconds (time.time() for the service)
     metrics: list[dict]
     phases: dict[str, float] = field(default_factory=dict)  # seconds per step, after warm-up
     gantt: list[tuple[str, str, float, float]] = field(default_factory=list)  # row, phase, t0, t1
@@ -129,15 +102,17 @@ def _median_key(run: Run, key: str) -> float:
 
 
 def run_sequential(cfg: Config, label: str, overrides: list[str], warmup: int) -> Run:
-    """``learner.sequential.train`` in this process, its per-step lines stamped."""
+    """``learner.sequential.train`` in this process; a step ends after its three timed stages."""
     from learner import sequential
 
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp)
-        with LineClock(run_dir / "metrics.jsonl") as clock, contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()):
             sequential.train(cfg, run_dir)
         metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    run = Run("sequential", label, overrides, warmup, clock.stamps, metrics)
+    ends = accumulate(m["timing/rollout_s"] + m["timing/score_s"] + m["timing/update_s"]
+                      for m in metrics)
+    run = Run("sequential", label, overrides, warmup, list(ends), metrics)
     for phase, key in (("rollout", "timing/rollout_s"), ("scoring", "timing/score_s"),
                        ("update", "timing/update_s")):
         run.phases[phase] = _median_key(run, key)
@@ -156,13 +131,13 @@ def run_service(cfg: Config, label: str, overrides: list[str], warmup: int,
     try:
         with tempfile.TemporaryDirectory() as tmp:
             run_dir = Path(tmp)
-            with LineClock(run_dir / "metrics.jsonl") as clock, \
-                    contextlib.redirect_stderr(io.StringIO()):
+            with contextlib.redirect_stderr(io.StringIO()):
                 train(cfg, run_dir)
             metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         time.sleep(1.0)  # actors report their task events to the GCS once a second
         events = ray.timeline()
-        run = Run("service", label, overrides, warmup, clock.stamps, metrics)
+        # time.time() when the step's line was written, the clock of Ray's timeline too
+        run = Run("service", label, overrides, warmup, [m["time"] for m in metrics], metrics)
         timeline_phases(run, events)
         run.extra["publish_wait_s"] = _median_key(run, "timing/publish_s")
         run.extra["num_cpus"] = ray.cluster_resources().get("CPU", 0)
@@ -331,61 +306,13 @@ def run_e2e(load: Callable[[list[str]], Config], steps: int, warmup: int, runs: 
             "staleness": 1, "publish": publish, "publish_consumers": consumers}
 
 
-# Part 6: label -> (overrides, run with the pool pumped during the update).
+# Part 6: label -> overrides of the service of part 4.
 SCALING = {
-    "1 rollout, 2 reward": (["reward_pool.num_actors=2"], False),
-    "2 rollout, 1 reward": (["rollout.num_actors=2"], False),
-    "1 rollout, 1 reward, 2 threads each": (
-        ["rollout.num_threads=2", "reward_pool.num_threads=2", "learner.num_threads=2"], False),
-    "1 rollout, 1 reward, pool pumped during the update (experiment)": ([], True),
+    "1 rollout, 2 reward": ["reward_pool.num_actors=2"],
+    "2 rollout, 1 reward": ["rollout.num_actors=2"],
+    "1 rollout, 1 reward, 2 threads each": [
+        "rollout.num_threads=2", "reward_pool.num_threads=2", "learner.num_threads=2"],
 }
-
-
-@contextlib.contextmanager
-def pool_pumped_during_update():
-    """Experiment, not the shipped service: keep the reward pool dispatching during updates.
-
-    ``learner.main.train`` waits for the update inside ``LearnerGroup.train_step``
-    (``ray.get``), and ``RewardPool`` hands a finished rollout to a reward actor only
-    when the driver pumps it (``collect``), so the next step's scoring cannot start
-    before the update ends. Inside this block the driver runs ``train_step`` in a
-    thread and pumps the pools meanwhile; results wait in the pool for the next
-    ``collect``, as they would have. It uses the pool's private ``_pump``/``_dispatch``:
-    a measurement of what the fix would give, not the fix.
-    """
-    import learner.main as main
-
-    services, init, train_step = [], main.Service.__init__, main.LearnerGroup.train_step
-
-    def init_recording(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        services.append(self)
-
-    def train_step_pumping(self, *args, **kwargs):
-        box = {}
-
-        def target():
-            try:
-                box["out"] = train_step(self, *args, **kwargs)
-            except BaseException as e:  # re-raised in the driver thread below
-                box["error"] = e
-
-        thread = threading.Thread(target=target)
-        thread.start()
-        while thread.is_alive():
-            for pool in services[-1].pools.values():
-                pool._pump(time.monotonic() + 0.02)
-                pool._dispatch()
-        thread.join()
-        if "error" in box:
-            raise box["error"]
-        return box["out"]
-
-    main.Service.__init__, main.LearnerGroup.train_step = init_recording, train_step_pumping
-    try:
-        yield
-    finally:
-        main.Service.__init__, main.LearnerGroup.train_step = init, train_step
 
 
 def run_scaling(load: Callable[[list[str]], Config], steps: int, warmup: int,
@@ -393,10 +320,8 @@ def run_scaling(load: Callable[[list[str]], Config], steps: int, warmup: int,
     """Part 6: the service with more rollout or reward actors (and more threads, as tried)."""
     out = []
     for label in labels:
-        extra, pumped = SCALING[label]
-        o = run_setting(steps) + ["learner.max_staleness=1"] + extra
-        with pool_pumped_during_update() if pumped else contextlib.nullcontext():
-            run = run_service(load(o), label, o, warmup)
+        o = run_setting(steps) + ["learner.max_staleness=1"] + SCALING[label]
+        run = run_service(load(o), label, o, warmup)
         log(f"  {label}: {run.rate:.2f} trained samples/s")
         out.append(run.summary())
     return out

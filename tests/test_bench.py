@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.report import pipeline_bound, simulate_loop, spread
+from bench.report import limit_text, pipeline_bound, spread, step_limits
 from bench.service import Run, overlap_share, timeline_phases
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,29 +84,56 @@ def test_overlap_share_clips_to_the_window():
     assert overlap_share(gantt, "rollout", "update", 0.0, 10.0) == 0.0
 
 
-def test_simulated_loop_by_hand():
-    # Scoring (3 s) longer than rollout + update: it is the bottleneck either way.
-    assert simulate_loop(1.0, 3.0, 1.0, pumped=False) == 3.0
-    assert simulate_loop(1.0, 3.0, 1.0, pumped=True) == 3.0
-    # r = sc = 1, u = 2. As built, step starts S = 0, 4, 6, 9, 11, 14, ...: rollout k+1 lands
-    # during every other update and waits for it, so steps alternate 2 s and 3 s. Pumped,
-    # the update is the bottleneck: 2 s.
-    assert simulate_loop(1.0, 1.0, 2.0, pumped=False) == 2.5
-    assert simulate_loop(1.0, 1.0, 2.0, pumped=True) == 2.0
+def simulated_step_s(r: float, sc: float, u: float, staleness: int, steps: int = 400) -> float:
+    """``learner.main.train`` step by step, one actor per stage: seconds per step, steady state."""
+    start = [0.0]  # step k starts (and launches step k + staleness) at start[k]
+    rollout_end = [r * (i + 1) for i in range(staleness + 1)]  # launched at once at start[0]
+    score_end = 0.0
+    for k in range(steps):
+        score_end = max(rollout_end[k], score_end) + sc  # dispatched as soon as it lands
+        start.append(max(start[k], score_end) + u)  # gather, then the update
+        rollout_end.append(max(start[k + 1], rollout_end[-1]) + r)  # step k + 1 + staleness
+    half = steps // 2
+    return (start[steps] - start[half]) / (steps - half)
+
+
+def test_step_limits_by_hand():
+    # Scoring (3 s) longer than the others and than the chain over two steps (5 / 2).
+    assert max(step_limits(1.0, 3.0, 1.0, staleness=1).values()) == 3.0
+    # Equal stages of 2 s: the chain (6 s) spans two steps at staleness 1, three at 2.
+    assert step_limits(2.0, 2.0, 2.0, staleness=1)["chain"] == 3.0
+    assert max(step_limits(2.0, 2.0, 2.0, staleness=2).values()) == 2.0
+
+
+def test_step_limits_match_a_simulation_of_the_loop():
+    times = [0.5, 1.0, 1.7, 3.0]
+    for staleness in (1, 2):
+        for r in times:
+            for sc in times:
+                for u in times:
+                    bound = max(step_limits(r, sc, u, staleness).values())
+                    assert math.isclose(simulated_step_s(r, sc, u, staleness), bound), \
+                        (r, sc, u, staleness)
 
 
 def test_pipeline_bound_by_hand():
-    # One-thread stage times 1, 1, 2 s (all work 4 s, 2 s per core on 2 cores); the
-    # sequential loop takes 2.5 s a step on 2 cores. As built max(2.5, 2) = 2.5 s, bound 1.0;
-    # pumped max(2, 2) = 2 s, bound 1.25.
-    e2e = {"cores": 2, "staleness": 1,
-           "sequential_1": {"phases": {"rollout": 1.0, "scoring": 1.0, "update": 2.0},
+    # One-thread stage times 1, 2, 1.5 s (4.5 s in all) at staleness 1 on 4 cores: the
+    # chain over two steps (2.25 s) beats scoring (2 s) and the cores (4.5 / 4 s). The
+    # sequential loop takes 2.7 s a step: bound 2.7 / 2.25 = 1.2.
+    e2e = {"cores": 4, "staleness": 1,
+           "sequential_1": {"phases": {"rollout": 1.0, "scoring": 2.0, "update": 1.5},
                             "rate": 4.0},
-           "sequential": [{"step_s": [2.5, 2.5], "rate": 6.4}]}
+           "sequential": [{"step_s": [2.7, 2.7], "rate": 6.4}]}
     b = pipeline_bound(e2e)
-    assert b["built_s"] == 2.5 and b["pumped_s"] == 2.0
-    assert math.isclose(b["bound_built"], 1.0) and math.isclose(b["bound_pumped"], 1.25)
-    assert math.isclose(b["thread_scaling"], 1.6)
+    assert b["step_s"] == 2.25 and b["limit"] == ["chain"]
+    assert math.isclose(b["bound"], 1.2) and math.isclose(b["thread_scaling"], 1.6)
+    assert limit_text(b, e2e) == "the chain over 2 overlapped steps"
+    # On 2 cores the cores tie with the chain, and both are named.
+    e2e["cores"] = 2
+    b = pipeline_bound(e2e)
+    assert b["limit"] == ["chain", "cores"]
+    assert limit_text(b, e2e) == ("the chain over 2 overlapped steps and all the work over "
+                                  "the 2 cores")
 
 
 def test_spread_is_median_and_range():
