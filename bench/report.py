@@ -123,7 +123,9 @@ def header(results: dict) -> str:
         f"{meta['load_start'][0]:.2f} at the start and {meta['load_end'][0]:.2f} at the end "
         f"(1-minute, {meta['cores']} cores).",
     ]
-    if busy > 0.25 or meta["load_start"][0] > 0.5 * meta["cores"] or results.get("note"):
+    # The 1-minute load average decays slowly after earlier jobs: judge by the CPUs' busy
+    # share just before the run.
+    if busy > 0.25 or results.get("note"):
         lines += ["", "**This run shared the machine with other jobs**, so absolute rates are "
                   "noisy; the ratios pair measurements taken seconds apart and suffer less. "
                   + (results.get("note") or "")]
