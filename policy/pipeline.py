@@ -248,6 +248,17 @@ def save_lora(
     save_lora_state(lora_state_dict(transformer), config, directory)
 
 
+def load_fused_lora(pipe: StableDiffusion3Pipeline, directory: str | Path) -> None:
+    """Load a saved adapter (``save_lora``) and fuse it into the transformer's weights.
+
+    For sampling only: peft's separate LoRA matmuls made the tiny model's 40-step sampling
+    ~3x slower; fused, the images differ by at most 1/255 in 0.003 % of pixels.
+    """
+    pipe.load_lora_weights(str(directory))
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+
+
 def save_lora_state(
     state: dict[str, torch.Tensor], config: LoraConfig | LoraSpec, directory: str | Path
 ) -> None:

@@ -13,6 +13,7 @@ from policy.pipeline import (
     LoraSpec,
     adapter_disabled,
     add_lora,
+    load_fused_lora,
     load_lora_state_dict,
     load_pipeline,
     lora_state_dict,
@@ -246,6 +247,20 @@ def test_save_lora_loads_into_a_fresh_pipeline_with_load_lora_weights(tmp_path):
     # The loaded adapter is ours to manage too: the KL reference still works.
     with adapter_disabled(fresh.transformer):
         assert torch.equal(velocity(fresh.transformer, inputs), base)
+
+
+def test_load_fused_lora_gives_the_adapted_velocity_without_lora_layers(tmp_path):
+    pipe = build_tiny_pipeline()
+    inputs = transformer_inputs(pipe)
+    add_lora(pipe.transformer, SMALL_LORA)
+    perturb_lora_b(pipe.transformer)
+    adapted = velocity(pipe.transformer, inputs)
+    save_lora(pipe, tmp_path)
+
+    fresh = build_tiny_pipeline()
+    load_fused_lora(fresh, tmp_path)
+    torch.testing.assert_close(velocity(fresh.transformer, inputs), adapted, rtol=1e-4, atol=1e-5)
+    assert not any("lora_" in name for name, _ in fresh.transformer.named_parameters())
 
 
 def test_policy_modules_do_not_import_ray_or_deepspeed():

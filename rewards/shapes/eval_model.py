@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from policy.grid import prompt_lines, save_grid
-from policy.pipeline import build_pipeline
+from policy.pipeline import build_pipeline, load_fused_lora
 from policy.sampler import (
     SamplerSpec,
     decode_images,
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
 
     pipe = build_pipeline(args.model, num_threads=args.threads)
     if args.lora:
-        pipe.load_lora_weights(args.lora)
+        load_fused_lora(pipe, args.lora)
     rows = load_split(args.split)
     started = time.perf_counter()
     ev = evaluate(pipe, rows, args.per_prompt, args.steps, args.cfg, args.seed)
