@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from learner import charts, report
 from learner import reproduce as rep
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,15 +64,15 @@ def test_select_keeps_the_base_model_and_refuses_unknown_names():
 
 
 def test_cells_are_mean_and_sample_std():
-    assert rep.cell([]) == "-"
-    assert rep.cell([0.25]) == "0.250"
-    assert rep.cell([0.1, 0.2, 0.6]) == "0.300 ± 0.265"  # std ddof=1: sqrt(0.07)
+    assert report.cell([]) == "-"
+    assert report.cell([0.25]) == "0.250"
+    assert report.cell([0.1, 0.2, 0.6]) == "0.300 ± 0.265"  # std ddof=1: sqrt(0.07)
 
 
 def test_tag_table_aggregates_over_seeds_and_skips_absent_tags():
     a = _eval({"single_object": 1.0, "position": 0.0, "overall": 0.5, "partial": 0.7})
     b = _eval({"single_object": 0.5, "position": 0.5, "overall": 0.5, "partial": 0.9})
-    table = rep.tag_table([("base", [a]), ("solace", [a, b]), ("empty", [])], "test").splitlines()
+    table = report.tag_table([("base", [a]), ("solace", [a, b]), ("empty", [])], "test").splitlines()
     assert table[0] == "| configuration | seeds | single_object | position | overall | partial |"
     assert table[2] == "| base | 1 | 1.000 | 0.000 | 0.500 | 0.700 |"
     assert table[3] == "| solace | 2 | 0.750 ± 0.354 | 0.250 ± 0.354 | 0.500 ± 0.000 | 0.800 ± 0.141 |"
@@ -82,14 +83,14 @@ def test_reward_curves_take_shapeseval_as_reward_or_monitor():
     monitor = [{"step": 0, "reward/self_confidence/mean": -0.2, "reward/shapes_monitor/mean": 0.3,
                 "reward/adv_mean": 0.0}]
     reward = [{"step": 0, "reward/shapes/mean": 0.4}]
-    assert rep.reward_curves(monitor) == {"self_confidence": [-0.2], "shapes": [0.3]}
-    assert rep.reward_curves(reward) == {"shapes": [0.4]}
+    assert report.reward_curves(monitor) == {"self_confidence": [-0.2], "shapes": [0.3]}
+    assert report.reward_curves(reward) == {"shapes": [0.4]}
 
 
 def test_reward_table_reads_start_and_final_windows():
     # 20 steps: the window is 4 steps; seed 0 rises 0 -> 1.9 by 0.1, seed 1 is 1 higher.
     runs = [[{"step": i, "reward/shapes/mean": 0.1 * i + k} for i in range(20)] for k in (0, 1)]
-    table = rep.reward_table([("shapes", runs)]).splitlines()
+    table = report.reward_table([("shapes", runs)]).splitlines()
     # start: mean of steps 0-3 = 0.15 (+0.5 over seeds); final: steps 16-19 = 1.75 and 2.75
     assert table[2] == "| shapes | 0.650 → 2.250 ± 0.707 |"
 
@@ -103,10 +104,10 @@ def test_read_metrics_keeps_the_last_row_of_a_repeated_step(tmp_path):
 
 def test_charts_and_grids_draw(tmp_path):
     curve = [0.1, np.nan, 0.3, 0.2]
-    path = rep.line_charts(tmp_path / "c.png", [("a", [("x", curve), ("y", [1.0] * 3)]),
+    path = charts.line_charts(tmp_path / "c.png", [("a", [("x", curve), ("y", [1.0] * 3)]),
                                                 ("empty", [])])
-    assert Image.open(path).size == (2 * rep.PANEL[0], rep.PANEL[1])
-    assert rep.moving_average(curve, 2) == pytest.approx([0.1, 0.1, 0.3, 0.25])
+    assert Image.open(path).size == (2 * charts.PANEL[0], charts.PANEL[1])
+    assert charts.moving_average(curve, 2) == pytest.approx([0.1, 0.1, 0.3, 0.25])
 
     def images(tags, value):
         n = len(tags)
@@ -116,10 +117,10 @@ def test_charts_and_grids_draw(tmp_path):
             "tags": np.array(tags)}.items()}
 
     base, run = images(["colors", "position"], 0), images(["colors", "position"], 255)
-    grid = Image.open(rep.before_after(tmp_path / "g.png", base, run, "r"))
+    grid = Image.open(report.before_after(tmp_path / "g.png", base, run, "r"))
     assert grid.width == 4 * (16 + 8)  # 2 test tags + 2 unseen prompts, 2x scale
     with pytest.raises(ValueError, match="other prompts"):
-        rep.before_after(tmp_path / "g.png", base, images(["colors", "counting"], 1), "r")
+        report.before_after(tmp_path / "g.png", base, images(["colors", "counting"], 1), "r")
 
 
 def test_quick_mode_end_to_end_and_a_rerun_skips_and_keeps_the_reading(tmp_path, capsys):
@@ -146,7 +147,7 @@ def test_quick_mode_end_to_end_and_a_rerun_skips_and_keeps_the_reading(tmp_path,
     assert f"| {base['overall']:.3f} | {base['partial']:.3f} |" in text
 
     # A rerun finds both runs done, trains nothing, and keeps a hand-written Reading.
-    report.write_text(text.replace(rep.READING_TODO, "## Reading\n\nBy hand.\n"))
+    report.write_text(text.replace(report.READING_TODO, "## Reading\n\nBy hand.\n"))
     capsys.readouterr()
     rep.main(["--quick", "--out", str(out)])
     assert capsys.readouterr().out.count("done before, skipped") == 2
