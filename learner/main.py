@@ -402,7 +402,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
                     except RewardFailure as failure:  # on_failure: stop (raises) or drop
                         weights = on_reward_failure(failure, cfg, service, weights, run_dir,
                                                     cursor, step)
-                        metrics_server.reward_names.remove(failure.reward)
+                        metrics_server.drop_reward(failure.reward)
                 work = inflight.pop(step)
                 check_versions(work)
                 t1 = time.perf_counter()

@@ -36,6 +36,11 @@ class PrometheusMetrics:
         if self.enabled:
             start_http_server(port, registry=self.registry)
 
+    def drop_reward(self, name: str) -> None:
+        """Stop reporting reward ``name`` (dropped mid-run): its series goes, not stays stale."""
+        self.reward_names.remove(name)
+        self.reward.remove(name)
+
     def update(self, m: dict[str, float]) -> None:
         self.steps.inc()
         self.samples_per_s.set(m["rollout/samples_per_s"])

@@ -1,0 +1,21 @@
+"""learner.metrics: the driver's Prometheus series."""
+
+from learner.metrics import PrometheusMetrics
+
+STEP = {"rollout/samples_per_s": 4.0, "reward/adv_mean": 0.0, "reward/adv_std": 1.0,
+        "rollout/staleness": 1, "timing/publish_s": 0.01, "system/queue_depth": 1,
+        "timing/wait_scores_s": 1.0, "timing/update_s": 2.0}
+
+
+def reward_series(m: PrometheusMetrics) -> dict[str, float]:
+    return {s.labels["reward"]: s.value for metric in m.registry.collect()
+            if metric.name == "solace_reward_mean" for s in metric.samples}
+
+
+def test_a_dropped_reward_leaves_no_stale_series():
+    m = PrometheusMetrics(0, ["self_confidence", "shapes"])  # port 0: no HTTP server
+    m.update(STEP | {"reward/self_confidence/mean": -0.1, "reward/shapes/mean": 0.4})
+    assert reward_series(m) == {"self_confidence": -0.1, "shapes": 0.4}
+    m.drop_reward("shapes")  # the run goes on without it (on_failure: drop)
+    m.update(STEP | {"reward/self_confidence/mean": -0.05})
+    assert reward_series(m) == {"self_confidence": -0.05}
