@@ -231,14 +231,18 @@ def test_lora_state_dict_loads_exactly_and_strictly():
         load_lora_state_dict(target.transformer, {**state, "extra.lora_A.weight": torch.zeros(1)})
 
 
-def test_save_lora_loads_into_a_fresh_pipeline_with_load_lora_weights(tmp_path):
+def saved_adapter(directory: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Save a perturbed adapter to ``directory``; return the inputs and its velocity on them."""
     pipe = build_tiny_pipeline()
     inputs = transformer_inputs(pipe)
     add_lora(pipe.transformer, SMALL_LORA)
     perturb_lora_b(pipe.transformer)
-    adapted = velocity(pipe.transformer, inputs)
-    save_lora(pipe, tmp_path)
+    save_lora(pipe, directory)
+    return inputs, velocity(pipe.transformer, inputs)
 
+
+def test_save_lora_loads_into_a_fresh_pipeline_with_load_lora_weights(tmp_path):
+    inputs, adapted = saved_adapter(tmp_path)
     fresh = build_tiny_pipeline()
     base = velocity(fresh.transformer, inputs)
     fresh.load_lora_weights(tmp_path)
@@ -250,13 +254,7 @@ def test_save_lora_loads_into_a_fresh_pipeline_with_load_lora_weights(tmp_path):
 
 
 def test_load_fused_lora_gives_the_adapted_velocity_without_lora_layers(tmp_path):
-    pipe = build_tiny_pipeline()
-    inputs = transformer_inputs(pipe)
-    add_lora(pipe.transformer, SMALL_LORA)
-    perturb_lora_b(pipe.transformer)
-    adapted = velocity(pipe.transformer, inputs)
-    save_lora(pipe, tmp_path)
-
+    inputs, adapted = saved_adapter(tmp_path)
     fresh = build_tiny_pipeline()
     load_fused_lora(fresh, tmp_path)
     torch.testing.assert_close(velocity(fresh.transformer, inputs), adapted, rtol=1e-4, atol=1e-5)
