@@ -30,6 +30,7 @@ from learner.reproduce import (
     read_metrics,
     run_table,
 )
+from learner.trend import by_sample, read_samples
 from policy.grid import image_grid, prompt_lines
 from rewards.shapes.world import TAGS
 
@@ -254,6 +255,61 @@ def training_section(groups: Sequence[tuple[str, list[str]]], metrics: dict[str,
         "steps.", ""])
 
 
+CONTROL = "control_s0"
+# (column, the reward's names in a trained run, its name in the control)
+PAIRED = (("self_confidence", ("self_confidence",), "self_confidence"),
+          ("ShapesEval partial", SHAPES_KEYS, "shapes_monitor"),
+          ("ShapesEval strict", SHAPES_KEYS, "shapes_monitor"),
+          ("colourfulness", ("colorfulness",), "colorfulness"))
+
+
+def paired_cell(run: list[dict], control: list[dict], names: Sequence[str], control_name: str,
+                first_step: int, strict: bool = False) -> str:
+    """``mean ± se`` of run - control over the samples both scored from ``first_step`` on."""
+    key = next((f"reward/{n}" for n in names if any(f"reward/{n}" in r for r in run[:1])), None)
+    if key is None or not any(f"reward/{control_name}" in r for r in control[:1]):
+        return "-"
+    a, b = by_sample(run, key), by_sample(control, f"reward/{control_name}")
+    shared = [k for k in sorted(a.keys() & b.keys()) if k[0] >= first_step]
+    if len(shared) < 2:
+        return "-"
+    if strict:  # partial credit is 1 exactly when the image is strictly correct
+        d = np.array([float(a[k] == 1.0) - float(b[k] == 1.0) for k in shared])
+    else:
+        d = np.array([a[k] - b[k] for k in shared])
+    return f"{d.mean():+.3f} ± {d.std(ddof=1) / np.sqrt(len(d)):.3f}"
+
+
+def paired_section(names: Sequence[str], runs_dir: Path) -> str:
+    """Seed-0 runs minus the frozen control, sample by sample, over the second half."""
+    control = read_samples(runs_dir / CONTROL)
+    ctrl_sc = load_config(runs_dir / CONTROL / "config.yaml").self_confidence
+    steps = max(r["step"] for r in control) + 1
+    rows = []
+    for name in names:
+        run = read_samples(runs_dir / name)
+        sc = load_config(runs_dir / name / "config.yaml").self_confidence
+        # Self-confidence with CFG or z-scored is another quantity. Scored by the frozen
+        # base (policy: base) it is the control's own quantity: the control is the base.
+        same_sc = (sc.guidance_scale, sc.aggregation) == (ctrl_sc.guidance_scale,
+                                                          ctrl_sc.aggregation)
+        rows.append([f"`{name}`"] + [
+            paired_cell(run, control, names_ if column != "self_confidence" or same_sc else (),
+                        control_name, steps // 2, strict=column == "ShapesEval strict")
+            for column, names_, control_name in PAIRED])
+    return "\n".join([
+        "## Paired with the frozen control: what training changed on its own samples", "",
+        f"A seed fixes each step's prompts and every sample's noise, so each seed-0 run and "
+        f"`{CONTROL}` (the base policy, frozen: configs/repro_control.yaml) score the same "
+        "(prompt, noise) pairs and differ only in the policy that denoised them. Cells: mean "
+        f"of run minus control over the samples of steps {steps // 2}-{steps - 1} (the second "
+        "half), ± its standard error over samples; strict: the change in the share of "
+        "strictly correct images. `-`: the run does not record that reward, or records "
+        "another quantity under its name (self-confidence with CFG, or z-scored). `python -m learner.trend runs/reproduce/<run> --against "
+        f"runs/reproduce/{CONTROL} --reward <name>` gives the same per block of steps.", "",
+        markdown_table(["run", *[c for c, _, _ in PAIRED]], rows), ""])
+
+
 def ablation_section(names: Sequence[str], evals: dict[str, dict], metrics: dict[str, list[dict]],
                      out: Path) -> str:
     """One row per ablation run (``names[0]`` is the reference), and ablations.png."""
@@ -306,10 +362,14 @@ def write_report(report: Path, out: Path, runs_dir: Path, evals: dict[str, dict]
     sections = [header_section(argv, evals, runs_dir, wall_s, load), shapes_section(groups, seeds)]
     if families:
         sections.append(training_section(families, metrics, out))
+    paired = [n for n in trained if n != CONTROL and by_name(n).seed == 0]
+    if CONTROL in evals and paired:
+        sections.append(paired_section(paired, runs_dir))
     if ablations and REFERENCE in evals:
         sections.append(ablation_section([REFERENCE, *ablations], evals, metrics, out))
     if trained:
-        sections.append(grids_section(trained, runs_dir, out, [f"{f}_s0" for f in FAMILIES]))
+        shown = [f"{f}_s0" for f in FAMILIES if f != "control"]
+        sections.append(grids_section(trained, runs_dir, out, shown))
     sections.append(kept_reading(report))
     out.mkdir(parents=True, exist_ok=True)
     report.write_text("\n\n".join(sections))

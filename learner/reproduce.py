@@ -70,6 +70,9 @@ FAMILIES = {
     "colorful": ("configs/repro_colorful.yaml", "Flow-GRPO, colourfulness", (0,)),
     "colorful_solace": ("configs/repro_colorful_solace.yaml", "Flow-GRPO, colourfulness + SOLACE",
                         (0,)),
+    # Not a row of the issue: the base policy frozen on the seed-0 samples, for the paired
+    # comparison of training rewards (configs/repro_control.yaml); it evaluates as the base.
+    "control": ("configs/repro_control.yaml", "frozen control (lr 1e-20)", (0,)),
 }
 REFERENCE = "solace_s0"  # the ablations' reference run: the SOLACE preset, seed 0
 # Row 6: one field of the SOLACE preset changed per run (the preset's value is REFERENCE).

@@ -30,7 +30,11 @@ def test_the_run_table_holds_issue_6s_rows():
         "self_confidence.guidance_scale=4.5", "self_confidence.policy=base",
         "grpo.train_fraction=0.6", "grpo.train_fraction=1.0", "self_confidence.num_probes=4",
         "self_confidence.num_probes=16", "self_confidence.aggregation=official"])
-    assert len(runs) == 1 + 9 + 2 + 7
+    assert len(runs) == 1 + 9 + 2 + 1 + 7  # + the frozen control of the paired comparison
+    control = rep.run_config(runs["control_s0"])
+    assert control.seed == 0 and control.grpo.lr <= 1e-12  # frozen: the base policy
+    assert {e.name: e.weight for e in control.external_rewards} == {
+        "colorfulness": 0.0, "shapes_monitor": 0.0}  # every reward the rows train on, recorded
 
 
 def test_every_run_config_loads_and_differs_from_the_reference_only_where_it_says():
@@ -164,3 +168,22 @@ def test_a_finished_run_is_not_retrained_and_another_config_is_refused(tmp_path)
     other = rep.run_config(rep.by_name("solace_s1"), ["train.steps=2"])
     with pytest.raises(SystemExit, match="another configuration"):
         rep.train_run(other, tmp_path, ray_cpus=1)
+
+
+def test_paired_cells_difference_the_same_samples_only():
+    def rows(name, values, start_seed=0):
+        return [{"step": step, "seed": start_seed + i, f"reward/{name}": v}
+                for step, vals in enumerate(values) for i, v in enumerate(vals)]
+
+    control = rows("shapes_monitor", [[0.5, 1.0], [0.5, 0.5], [0.0, 1.0]])
+    run = rows("shapes", [[0.5, 1.0], [1.0, 0.5], [1.0, 1.0]])
+    # steps 1-2: differences 0.5, 0, 1, 0 -> mean 0.375, se std([.5,0,1,0])/2
+    se = np.std([0.5, 0, 1, 0], ddof=1) / 2
+    assert report.paired_cell(run, control, ("shapes", "shapes_monitor"), "shapes_monitor", 1) \
+        == f"+0.375 ± {se:.3f}"
+    # strict: 1.0 vs not, sample by sample: +1, 0, +1, 0
+    assert report.paired_cell(run, control, ("shapes",), "shapes_monitor", 1, strict=True) \
+        == f"+0.500 ± {np.std([1, 0, 1, 0], ddof=1) / 2:.3f}"
+    assert report.paired_cell(run, control, ("colorfulness",), "colorfulness", 1) == "-"
+    other_seed = rows("shapes", [[1.0, 1.0]] * 3, start_seed=100)  # no shared samples
+    assert report.paired_cell(other_seed, control, ("shapes",), "shapes_monitor", 0) == "-"
