@@ -2,13 +2,15 @@
 to end (real Ray service, real evaluation) into tmp_path."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from learner import charts, report
+from learner import charts
+from learner import report as rpt
 from learner import reproduce as rep
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,15 +70,15 @@ def test_select_keeps_the_base_model_and_refuses_unknown_names():
 
 
 def test_cells_are_mean_and_sample_std():
-    assert report.cell([]) == "-"
-    assert report.cell([0.25]) == "0.250"
-    assert report.cell([0.1, 0.2, 0.6]) == "0.300 ± 0.265"  # std ddof=1: sqrt(0.07)
+    assert rpt.cell([]) == "-"
+    assert rpt.cell([0.25]) == "0.250"
+    assert rpt.cell([0.1, 0.2, 0.6]) == "0.300 ± 0.265"  # std ddof=1: sqrt(0.07)
 
 
 def test_tag_table_aggregates_over_seeds_and_skips_absent_tags():
     a = _eval({"single_object": 1.0, "position": 0.0, "overall": 0.5, "partial": 0.7})
     b = _eval({"single_object": 0.5, "position": 0.5, "overall": 0.5, "partial": 0.9})
-    table = report.tag_table([("base", [a]), ("solace", [a, b]), ("empty", [])], "test").splitlines()
+    table = rpt.tag_table([("base", [a]), ("solace", [a, b]), ("empty", [])], "test").splitlines()
     assert table[0] == "| configuration | seeds | single_object | position | overall | partial |"
     assert table[2] == "| base | 1 | 1.000 | 0.000 | 0.500 | 0.700 |"
     assert table[3] == "| solace | 2 | 0.750 ± 0.354 | 0.250 ± 0.354 | 0.500 ± 0.000 | 0.800 ± 0.141 |"
@@ -87,14 +89,14 @@ def test_reward_curves_take_shapeseval_as_reward_or_monitor():
     monitor = [{"step": 0, "reward/self_confidence/mean": -0.2, "reward/shapes_monitor/mean": 0.3,
                 "reward/adv_mean": 0.0}]
     reward = [{"step": 0, "reward/shapes/mean": 0.4}]
-    assert report.reward_curves(monitor) == {"self_confidence": [-0.2], "shapes": [0.3]}
-    assert report.reward_curves(reward) == {"shapes": [0.4]}
+    assert rpt.reward_curves(monitor) == {"self_confidence": [-0.2], "shapes": [0.3]}
+    assert rpt.reward_curves(reward) == {"shapes": [0.4]}
 
 
 def test_reward_table_reads_start_and_final_windows():
     # 20 steps: the window is 4 steps; seed 0 rises 0 -> 1.9 by 0.1, seed 1 is 1 higher.
     runs = [[{"step": i, "reward/shapes/mean": 0.1 * i + k} for i in range(20)] for k in (0, 1)]
-    table = report.reward_table([("shapes", runs)]).splitlines()
+    table = rpt.reward_table([("shapes", runs)]).splitlines()
     # start: mean of steps 0-3 = 0.15 (+0.5 over seeds); final: steps 16-19 = 1.75 and 2.75
     assert table[2] == "| shapes | 0.650 → 2.250 ± 0.707 |"
 
@@ -121,22 +123,27 @@ def test_charts_and_grids_draw(tmp_path):
             "tags": np.array(tags)}.items()}
 
     base, run = images(["colors", "position"], 0), images(["colors", "position"], 255)
-    grid = Image.open(report.before_after(tmp_path / "g.png", base, run, "r"))
+    grid = Image.open(rpt.before_after(tmp_path / "g.png", base, run, "r"))
     assert grid.width == 4 * (16 + 8)  # 2 test tags + 2 unseen prompts, 2x scale
     with pytest.raises(ValueError, match="other prompts"):
-        report.before_after(tmp_path / "g.png", base, images(["colors", "counting"], 1), "r")
+        rpt.before_after(tmp_path / "g.png", base, images(["colors", "counting"], 1), "r")
 
 
 def test_quick_mode_end_to_end_and_a_rerun_skips_and_keeps_the_reading(tmp_path, capsys):
     out = tmp_path / "results"
-    report = rep.main(["--quick", "--out", str(out)])
+    quick = ["--quick", "--only", "solace_s0", "control_s0", "--out", str(out)]
+    report = rep.main(quick)
     assert report == tmp_path / "results.md"
     text = report.read_text()
     for heading in ("## How it was run", "## ShapesEval, test split", "## ShapesEval, unseen split",
-                    "### Per seed", "## Training rewards", "## Reading", "TODO"):
+                    "### Per seed", "## Training rewards", "## Paired with the frozen control",
+                    "## Reading", "TODO"):
         assert heading in text, heading
     assert "| base model | 1 |" in text and "| SOLACE only (`solace`) | 1 |" in text
     assert "| solace | " in text  # the training-reward table
+    # The paired row: self-confidence and ShapesEval differences on the same samples.
+    paired = next(line for line in text.splitlines() if line.startswith("| `solace_s0` |"))
+    assert re.fullmatch(r"\| `solace_s0` \|( [+-]\d\.\d{3} ± \d\.\d{3} \|){3} - \|", paired), paired
     for png in ("training.png", "grid_solace_s0.png"):
         assert Image.open(out / png).size[0] > 0
     runs = tmp_path / "runs"
@@ -151,10 +158,10 @@ def test_quick_mode_end_to_end_and_a_rerun_skips_and_keeps_the_reading(tmp_path,
     assert f"| {base['overall']:.3f} | {base['partial']:.3f} |" in text
 
     # A rerun finds both runs done, trains nothing, and keeps a hand-written Reading.
-    report.write_text(text.replace(report.READING_TODO, "## Reading\n\nBy hand.\n"))
+    report.write_text(text.replace(rpt.READING_TODO, "## Reading\n\nBy hand.\n"))
     capsys.readouterr()
-    rep.main(["--quick", "--out", str(out)])
-    assert capsys.readouterr().out.count("done before, skipped") == 2
+    rep.main(quick)
+    assert capsys.readouterr().out.count("done before, skipped") == 3
     assert report.read_text().endswith("## Reading\n\nBy hand.\n")
 
 
@@ -179,11 +186,11 @@ def test_paired_cells_difference_the_same_samples_only():
     run = rows("shapes", [[0.5, 1.0], [1.0, 0.5], [1.0, 1.0]])
     # steps 1-2: differences 0.5, 0, 1, 0 -> mean 0.375, se std([.5,0,1,0])/2
     se = np.std([0.5, 0, 1, 0], ddof=1) / 2
-    assert report.paired_cell(run, control, ("shapes", "shapes_monitor"), "shapes_monitor", 1) \
+    assert rpt.paired_cell(run, control, ("shapes", "shapes_monitor"), "shapes_monitor", 1) \
         == f"+0.375 ± {se:.3f}"
     # strict: 1.0 vs not, sample by sample: +1, 0, +1, 0
-    assert report.paired_cell(run, control, ("shapes",), "shapes_monitor", 1, strict=True) \
+    assert rpt.paired_cell(run, control, ("shapes",), "shapes_monitor", 1, strict=True) \
         == f"+0.500 ± {np.std([1, 0, 1, 0], ddof=1) / 2:.3f}"
-    assert report.paired_cell(run, control, ("colorfulness",), "colorfulness", 1) == "-"
+    assert rpt.paired_cell(run, control, ("colorfulness",), "colorfulness", 1) == "-"
     other_seed = rows("shapes", [[1.0, 1.0]] * 3, start_seed=100)  # no shared samples
-    assert report.paired_cell(other_seed, control, ("shapes",), "shapes_monitor", 0) == "-"
+    assert rpt.paired_cell(other_seed, control, ("shapes",), "shapes_monitor", 0) == "-"
