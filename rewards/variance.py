@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -73,10 +74,7 @@ def decompose(cfg: Config, split: str, per_tag: int, inits: int, paths: int, see
     pipe = build_pipeline(cfg.model.path, num_threads=cfg.model.num_threads)
     if lora is not None:
         load_fused_lora(pipe, lora)
-    s = cfg.sampler
-    spec = SamplerSpec(num_steps=s.num_steps, guidance_scale=s.guidance_scale,
-                       noise_level=s.noise_level, sde_type=s.sde_type, sde_window=s.sde_window,
-                       shift=s.shift)
+    spec = cfg.sampler.spec()  # the training sampler
     rows = load_split(split)
     picked = [r for tag in TAGS for r in [r for r in rows if r["tag"] == tag][:per_tag]]
     grader = ShapesEval()
@@ -98,7 +96,7 @@ def decompose(cfg: Config, split: str, per_tag: int, inits: int, paths: int, see
             by_tag[tag] = float(np.median(shares))
     shares = [p["share_within_partial"] for p in prompts if p["share_within_partial"] is not None]
     return {"split": split, "inits": inits, "paths": paths, "seed": seed,
-            "sampler": spec.__dict__ | {"sde_window": s.sde_window}, "prompts": prompts,
+            "sampler": asdict(spec), "prompts": prompts,
             "median_share_within_partial": float(np.median(shares)) if shares else None,
             "median_share_within_partial_by_tag": by_tag}
 
