@@ -28,8 +28,8 @@ import numpy as np
 
 from rewards.http import HttpScorer
 from rewards.serve import ServerProcess
-from rewards.shapes.world import load_split, render
 from rewards.wire import encode_png
+from shapes.world import load_split, render
 
 
 def make_batch(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, list[str], list[dict]]:
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["SOLACE_REWARD_TOKEN"] = token  # HttpScorer reads it (--client scorer)
     batch = make_batch(args.images, args.size)
     server_args = ("--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms))
-    with ServerProcess("rewards.shapes.reward:ShapesReward", token=token, args=server_args) as server:
+    with ServerProcess("rewards.shapes:ShapesReward", token=token, args=server_args) as server:
         run_once(server.url, token, batch, 2 * args.concurrency, args.concurrency, args.client)
         print(f"server {server.url}, {args.requests} requests x {args.images} images of "
               f"{args.size} px, {args.concurrency} clients ({args.client}), {os.cpu_count()} CPUs")

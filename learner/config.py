@@ -259,7 +259,7 @@ class MetricsConfig(_Section):
 class TrainConfig(_Section):
     steps: int = Field(20, ge=1, description="training steps (weight versions published)")
     prompts: str = Field(
-        "rewards/shapes/data/train.jsonl", description="jsonl of GenEval-style prompt metadata"
+        "shapes/data/train.jsonl", description="jsonl of GenEval-style prompt metadata"
     )
     out_dir: str = Field("runs", description="parent directory of run directories")
     save_every: int = Field(10, ge=1, description="checkpoint every N steps (and at the end)")

@@ -1,6 +1,6 @@
 """The reward server: any scorer class over HTTP, behind a token, micro-batched.
 
-    SOLACE_REWARD_TOKEN=... python -m rewards.serve --scorer rewards.shapes.reward:ShapesReward \\
+    SOLACE_REWARD_TOKEN=... python -m rewards.serve --scorer rewards.shapes:ShapesReward \\
         --port 8765 --token-env SOLACE_REWARD_TOKEN [--kwargs JSON] [--host 127.0.0.1]
         [--token-file F] [--cert C --key K] [--max-batch 64] [--max-body-mb 32] [--max-wait-ms 5]
 

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from learner.config import Config, ConfigError, load_config
-from policy.pretrain import load_pretrain_config
+from shapes.pretrain import load_pretrain_config
 
 PRESETS = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
 
@@ -17,7 +17,7 @@ def test_there_are_presets():
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)
 def test_every_preset_loads(path):
-    if path.name.startswith("pretrain_"):  # recipes of policy.pretrain, not RL runs
+    if path.name.startswith("pretrain_"):  # recipes of shapes.pretrain, not RL runs
         assert load_pretrain_config(path).steps > 0
         return
     cfg = load_config(path)

@@ -1,10 +1,10 @@
-"""The self-confidence vs ShapesEval diagnostic (rewards/diagnose.py)."""
+"""The self-confidence vs ShapesEval diagnostic (studies/diagnose.py)."""
 
 import numpy as np
 import pytest
 
 from learner.config import load_config
-from rewards.diagnose import auroc, diagnose, format_report
+from studies.diagnose import auroc, diagnose, format_report
 
 
 def test_auroc_counts_pairs_and_ties():

@@ -158,7 +158,7 @@ SMALL = [
     "self_confidence.num_probes=4", "metrics.port=0", "metrics.grid_every=100",
     "reward_pool.timeout_s=120", "learner.max_staleness=0", "train.save_every=100",
 ]
-SHAPES = "rewards.shapes.reward:ShapesReward"
+SHAPES = "rewards.shapes:ShapesReward"
 
 
 @pytest.fixture(scope="module")

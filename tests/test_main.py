@@ -118,7 +118,7 @@ def test_async_run_scores_with_generating_version_and_survives_resize_and_kill(l
 def test_on_policy_ratio_is_one_every_step_and_resume_continues(local_ray, tmp_path):
     run_dir = tmp_path / "sync"
     # With an external reward actor (ShapesEval) beside self-confidence: the hybrid rule.
-    shapes = '[{name: shapes, target: "rewards.shapes.reward:ShapesReward", weight: 0.5}]'
+    shapes = '[{name: shapes, target: "rewards.shapes:ShapesReward", weight: 0.5}]'
     over = SMALL + ["learner.max_staleness=0", "train.save_every=1",
                     "reward_pool.control_name=test-pool-sync", f"external_rewards={shapes}"]
     train(load_config(REPO / "configs/tiny_solace.yaml", over + ["train.steps=2"]), run_dir)
@@ -147,7 +147,7 @@ def test_on_policy_ratio_is_one_every_step_and_resume_continues(local_ray, tmp_p
 
 def test_external_reward_alone_trains_and_a_weight_zero_reward_is_recorded(local_ray, tmp_path):
     """Flow-GRPO without self-confidence (self_confidence.enabled false), a watched reward."""
-    rewards = ('[{name: shapes, target: "rewards.shapes.reward:ShapesReward"}, '
+    rewards = ('[{name: shapes, target: "rewards.shapes:ShapesReward"}, '
                '{name: bright, target: "rewards.colorful:Colorfulness", weight: 0.0}]')
     cfg = load_config(REPO / "configs/tiny_solace.yaml", SMALL + [
         "train.steps=2", "learner.max_staleness=0", "self_confidence.enabled=false",

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from policy.pipeline import load_pipeline
-from policy.pretrain import load_pretrain_config, main, pretrain
-from rewards.shapes import eval_model
+from shapes import eval_model
+from shapes.pretrain import load_pretrain_config, main, pretrain
 
 FEW = ["vae_steps=2", "vae_batch=4", "steps=3", "batch=4", "warmup=1", "log_every=1",
        "transformer_layers=1", "head_dim=8", "vae_channels=[8, 8, 8]"]

@@ -1,4 +1,4 @@
-"""learner.reproduce: the run table, the table/aggregation helpers, and the quick mode end
+"""studies.reproduce: the run table, the table/aggregation helpers, and the quick mode end
 to end (real Ray service, real evaluation) into tmp_path."""
 
 import json
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from learner import charts
-from learner import report as rpt
-from learner import reproduce as rep
+from studies import charts, plan
+from studies import report as rpt
+from studies import reproduce as rep
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,8 +104,8 @@ def test_reward_table_reads_start_and_final_windows():
 def test_read_metrics_keeps_the_last_row_of_a_repeated_step(tmp_path):
     rows = [{"step": 0, "x": 1}, {"step": 1, "x": 2}, {"step": 1, "x": 3}, {"step": 2, "x": 4}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert [r["x"] for r in rep.read_metrics(tmp_path)] == [1, 3, 4]
-    assert rep.read_metrics(tmp_path / "absent") == []
+    assert [r["x"] for r in plan.read_metrics(tmp_path)] == [1, 3, 4]
+    assert plan.read_metrics(tmp_path / "absent") == []
 
 
 def test_charts_and_grids_draw(tmp_path):
@@ -147,7 +147,7 @@ def test_quick_mode_end_to_end_and_a_rerun_skips_and_keeps_the_reading(tmp_path,
     for png in ("training.png", "grid_solace_s0.png"):
         assert Image.open(out / png).size[0] > 0
     runs = tmp_path / "runs"
-    metrics = rep.read_metrics(runs / "solace_s0")
+    metrics = plan.read_metrics(runs / "solace_s0")
     assert [m["step"] for m in metrics] == [0, 1]
     assert all(0 <= m["reward/shapes_monitor/mean"] <= 1 for m in metrics)
     saved = json.loads((runs / "solace_s0" / "eval.json").read_text())

@@ -26,13 +26,13 @@ from PIL import Image
 
 from rewards.http import HttpScorer, RewardUnavailable
 from rewards.serve import ServerProcess, make_app, serve_in_thread
-from rewards.shapes.reward import ShapesReward
-from rewards.shapes.world import load_split, perturb, render
+from rewards.shapes import ShapesReward
 from rewards.wire import encode_png
+from shapes.world import load_split, perturb, render
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-0123456789"
-SHAPES = "rewards.shapes.reward:ShapesReward"
+SHAPES = "rewards.shapes:ShapesReward"
 
 
 def _post(url: str, body: bytes, token: str | None = TOKEN, content_type="application/json",

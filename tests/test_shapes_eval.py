@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from rewards.shapes import world
-from rewards.shapes.evaluate import (
+from shapes import world
+from shapes.evaluate import (
     ShapesEval,
     ShapesScores,
     detect,
@@ -13,7 +13,7 @@ from rewards.shapes.evaluate import (
     label_components,
     summarize,
 )
-from rewards.shapes.world import PALETTE, make_splits, perturb, render
+from shapes.world import PALETTE, make_splits, perturb, render
 
 
 def scene(*shapes: tuple[str, str | tuple[int, int, int], tuple[int, int, int, int]],
@@ -169,9 +169,9 @@ def test_input_checks_and_other_formats():
 
 
 def test_prototypes_match_the_renderer():
-    # If the renderer's shapes change, re-run `python -m rewards.shapes.benchmark --prototypes`.
-    from rewards.shapes.benchmark import measure_prototypes
-    from rewards.shapes.evaluate import CLASS_STD, PROTOTYPES, STD_FLOOR
+    # If the renderer's shapes change, re-run `python -m shapes.benchmark --prototypes`.
+    from shapes.benchmark import measure_prototypes
+    from shapes.evaluate import CLASS_STD, PROTOTYPES, STD_FLOOR
 
     means, _ = measure_prototypes(n_scenes=40, seed=1)
     assert np.abs((means - PROTOTYPES) / np.maximum(CLASS_STD, STD_FLOOR)).max() < 0.5

@@ -5,8 +5,8 @@ import collections
 import numpy as np
 import pytest
 
-from rewards.shapes import world
-from rewards.shapes.world import (
+from shapes import world
+from shapes.world import (
     CLASSES,
     HELD_OUT_PAIRS,
     PALETTE,
@@ -171,7 +171,7 @@ def test_pretraining_never_produces_held_out_pairs():
 def test_split_files_equal_regeneration():
     for name, prompts in make_splits(world.SPLIT_SEED).items():
         assert load_split(name) == prompts, (
-            f"{name} is stale: run `python -m rewards.shapes.world --write-splits`")
+            f"{name} is stale: run `python -m shapes.world --write-splits`")
 
 
 def test_perturb_is_mild_and_deterministic():

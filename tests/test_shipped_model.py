@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
 
-from policy.pretrain import load_pretrain_config
+from shapes.pretrain import load_pretrain_config
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "tiny-shapes-sd3"
 

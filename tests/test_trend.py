@@ -1,10 +1,10 @@
-"""learner.trend: per-block reward means from samples.jsonl."""
+"""studies.trend: per-block reward means from samples.jsonl."""
 
 import json
 
 import pytest
 
-from learner.trend import blocks, load_rewards, main
+from studies.trend import blocks, load_rewards, main
 
 
 def write_samples(path, rows):

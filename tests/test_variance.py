@@ -1,10 +1,10 @@
-"""rewards.variance: the split of reward variance between initial noise and SDE noise."""
+"""studies.variance: the split of reward variance between initial noise and SDE noise."""
 
 import numpy as np
 import pytest
 
 from learner.config import load_config
-from rewards.variance import decompose, main, within_share
+from studies.variance import decompose, main, within_share
 
 
 def test_within_share_separates_init_from_path_variance():

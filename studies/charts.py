@@ -1,7 +1,7 @@
 """Line charts of per-step training curves, drawn with PIL (no plotting library needed).
 
 Each panel is (title, [(label, per-step values)]); NaN values are gaps. Used for
-docs/results/training.png and ablations.png (``learner.report``).
+docs/results/training.png and ablations.png (``studies.report``).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Pretrain the shipped tiny SD3 model on the shapes world, from a seed.
 
-    python -m policy.pretrain --out models/tiny-shapes-sd3 [--config configs/pretrain_tiny_shapes.yaml]
+    python -m shapes.pretrain --out models/tiny-shapes-sd3 [--config configs/pretrain_tiny_shapes.yaml]
 
-Two stages, both on freshly rendered scenes (``rewards.shapes.world``), never on files:
+Two stages, both on freshly rendered scenes (``shapes.world``), never on files:
 
 1. the VAE: an ``AutoencoderKL`` (64 px <-> 4x32x32) trained to reconstruct renders,
    then SD3's latent ``shift_factor``/``scaling_factor`` measured on its latents;
@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from policy.sampler import encode_prompts
 from policy.tiny import build_tiny_pipeline, vae_scale_factor
-from rewards.shapes.world import pretraining_metadata, render
+from shapes.world import pretraining_metadata, render
 
 IMAGE_SIZE = 64  # the shapes world's render size
 

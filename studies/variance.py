@@ -1,6 +1,6 @@
 """What decides a training sample's ShapesEval reward: its initial noise or the SDE's noise?
 
-    python -m rewards.variance --config configs/repro_shapes.yaml --per-tag 2 \
+    python -m studies.variance --config configs/repro_shapes.yaml --per-tag 2 \
         --out docs/results/variance_train.json
 
 A policy-gradient step can only credit what the policy's own steps decide. Flow-GRPO's
@@ -36,8 +36,8 @@ from policy.sampler import (
     sample_noise,
     sd3_sigmas,
 )
-from rewards.shapes.evaluate import ShapesEval
-from rewards.shapes.world import TAGS, load_split
+from shapes.evaluate import ShapesEval
+from shapes.world import TAGS, load_split
 
 
 def within_share(rewards: np.ndarray) -> float | None:

@@ -1,7 +1,7 @@
 """Where ShapesEval's shape prototypes come from, and its speed and accuracy.
 
-    python -m rewards.shapes.benchmark                # images/s and strict accuracy
-    python -m rewards.shapes.benchmark --prototypes   # re-measure PROTOTYPES, CLASS_STD
+    python -m shapes.benchmark                # images/s and strict accuracy
+    python -m shapes.benchmark --prototypes   # re-measure PROTOTYPES, CLASS_STD
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import time
 
 import numpy as np
 
-from rewards.shapes.evaluate import ShapesScores, find_components, grade, summarize
-from rewards.shapes.world import (
+from shapes.evaluate import ShapesScores, find_components, grade, summarize
+from shapes.world import (
     CLASSES,
     Distortion,
     counting,

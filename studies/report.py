@@ -1,4 +1,4 @@
-"""docs/results.md and its figures, from the run directories of ``learner.reproduce``.
+"""docs/results.md and its figures, from the run directories of ``studies.reproduce``.
 
 Every number is read from a run's ``eval.json``, ``metrics.jsonl``, ``config.yaml``,
 ``train_seconds.json`` and ``eval_images.npz``; the hand-written "Reading" section of an
@@ -17,9 +17,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from learner.charts import line_charts
 from learner.config import load_config
-from learner.reproduce import (
+from policy.grid import image_grid, prompt_lines
+from shapes.world import TAGS
+from studies.charts import line_charts
+from studies.plan import (
     EVAL,
     FAMILIES,
     REFERENCE,
@@ -30,9 +32,7 @@ from learner.reproduce import (
     read_metrics,
     run_table,
 )
-from learner.trend import by_sample, read_samples
-from policy.grid import image_grid, prompt_lines
-from rewards.shapes.world import TAGS
+from studies.trend import by_sample, read_samples
 
 # --- tables ------------------------------------------------------------------------
 
@@ -180,7 +180,7 @@ def before_after(path: Path, base: dict, run: dict, label: str, per_tag: int = 1
 
 READING = "## Reading"
 READING_TODO = (f"{READING}\n\nTODO(lead): written by hand after the real run; "
-                "`python -m learner.reproduce` keeps this section when it rewrites the file.\n")
+                "`python -m studies.reproduce` keeps this section when it rewrites the file.\n")
 
 
 def kept_reading(report: Path) -> str:
@@ -205,9 +205,9 @@ def header_section(argv: Sequence[str], evals: dict[str, dict], runs_dir: Path, 
     missing = [r.name for r in run_table() if r.name not in evals]
     lines = [
         "# Reproduction: SOLACE on the tiny shapes model (issue #6)", "",
-        "Written by `learner/reproduce.py` from the run directories; edit only the Reading "
+        "Written by `studies/reproduce.py` from the run directories; edit only the Reading "
         "section.", "", "## How it was run", "", "```",
-        " ".join(["python -m learner.reproduce", *argv]), "```", "",
+        " ".join(["python -m studies.reproduce", *argv]), "```", "",
         f"* machine: {platform.platform()}, {os.cpu_count()} logical CPUs, no GPU used; load "
         f"average (1/5/15 min) {fmt_load(load[0])} at the start, {fmt_load(load[1])} at the end",
         f"* wall time of this invocation: {wall_s / 60:.1f} min; recorded by the {len(evals)} "
@@ -305,7 +305,7 @@ def paired_section(names: Sequence[str], runs_dir: Path) -> str:
         f"of run minus control over the samples of steps {steps // 2}-{steps - 1} (the second "
         "half), ± its standard error over samples; strict: the change in the share of "
         "strictly correct images. `-`: the run does not record that reward, or records "
-        "another quantity under its name (self-confidence with CFG, or z-scored). `python -m learner.trend runs/reproduce/<run> --against "
+        "another quantity under its name (self-confidence with CFG, or z-scored). `python -m studies.trend runs/reproduce/<run> --against "
         f"runs/reproduce/{CONTROL} --reward <name>` gives the same per block of steps.", "",
         markdown_table(["run", *[c for c, _, _ in PAIRED]], rows), ""])
 

@@ -1,6 +1,6 @@
 """Does self-confidence rank correct images above incorrect ones? A check without training.
 
-    python -m rewards.diagnose --config configs/tiny_solace.yaml --split test \\
+    python -m studies.diagnose --config configs/tiny_solace.yaml --split test \\
         --per-prompt 8 --out docs/results/auroc.json
 
 Samples ``per-prompt`` images of every prompt of a shapes-world split with the run's own
@@ -37,8 +37,8 @@ from policy.sampler import (
     suffix_window,
 )
 from rewards.self_confidence import aggregate, score_rollout
-from rewards.shapes.evaluate import ShapesEval
-from rewards.shapes.world import TAGS, load_split
+from shapes.evaluate import ShapesEval
+from shapes.world import TAGS, load_split
 
 DIAGNOSE_STREAM = 3  # seed stream of the diagnostic's samples (0-2: sampling, probes, eval)
 AGGREGATIONS = ("paper", "official")

@@ -1,6 +1,6 @@
 """Issue #6's reproduction: every configuration trained, evaluated and reported.
 
-    python -m learner.reproduce [--quick] [--only NAME ...] [--out docs/results]
+    python -m studies.reproduce [--quick] [--only NAME ...] [--out docs/results]
                                 [--per-prompt 4] [--limit N] [--runs-dir runs/reproduce]
                                 [--set section.field=value ...]
 
@@ -8,7 +8,7 @@ For each run of :func:`run_table` (name, preset, overrides, seed): train it with
 service (``learner.main.train``) into ``<runs-dir>/<name>/``, evaluate its LoRA with
 ShapesEval on the ``test`` and ``unseen`` splits (40-step ODE, CFG 4.5, the same eval
 seed for every run, so every model starts from the same noise) and save ``eval.json``
-and ``eval_images.npz`` beside it. Then :mod:`learner.report` writes ``<out>.md``
+and ``eval_images.npz`` beside it. Then :mod:`studies.report` writes ``<out>.md``
 (``docs/results.md``) with the tables, and ``<out>/training.png``, ``<out>/ablations.png``
 and ``<out>/grid_<run>.png``; every number in them is read from the run directories.
 
@@ -46,72 +46,24 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from learner.config import Config, load_config
-from rewards.shapes.world import TAGS, load_split
-
-REPO = Path(__file__).resolve().parents[1]
-SEEDS = (0, 1, 2)
-SPLITS = ("test", "unseen")
-EVAL = dict(steps=40, cfg=4.5, seed=0)  # the evaluation protocol of README's base table
-# One torch thread for evaluation: on the shared 2-core machine two threads sampled 32 eval
-# images ~9x slower than one (54 s vs 6.3 s at load ~4.7: OpenMP threads waiting on each
-# other while other processes hold the cores).
-EVAL_THREADS = 1
-# Rows 2-5 of issue #6: family -> (preset, what it trains on, training seeds).
-FAMILIES = {
-    "solace": ("configs/repro_solace.yaml", "SOLACE only", SEEDS),
-    "shapes": ("configs/repro_shapes.yaml", "Flow-GRPO, ShapesEval", SEEDS),
-    "shapes_solace": ("configs/repro_shapes_solace.yaml", "Flow-GRPO, ShapesEval + SOLACE", SEEDS),
-    "colorful": ("configs/repro_colorful.yaml", "Flow-GRPO, colourfulness", (0,)),
-    "colorful_solace": ("configs/repro_colorful_solace.yaml", "Flow-GRPO, colourfulness + SOLACE",
-                        (0,)),
-    # Not a row of the issue: the base policy frozen on the seed-0 samples, for the paired
-    # comparison of training rewards (configs/repro_control.yaml); it evaluates as the base.
-    "control": ("configs/repro_control.yaml", "frozen control (lr 1e-20)", (0,)),
-}
-REFERENCE = "solace_s0"  # the ablations' reference run: the SOLACE preset, seed 0
-# Row 6: one field of the SOLACE preset changed per run (the preset's value is REFERENCE).
-ABLATIONS = (
-    ("self_confidence.guidance_scale", (4.5,)),  # CFG in the scoring velocity (preset: 1.0)
-    ("self_confidence.policy", ("base",)),  # offline: the frozen base model scores
-    ("grpo.train_fraction", (0.6, 1.0)),
-    ("self_confidence.num_probes", (4, 16)),
-    ("self_confidence.aggregation", ("official",)),
+from studies.plan import (
+    EVAL,
+    EVAL_THREADS,
+    REFERENCE,
+    REPO,
+    SPLITS,
+    Run,
+    by_name,
+    eval_rows,
+    read_eval,
+    run_table,
 )
-SHAPES_KEYS = ("shapes", "shapes_monitor")  # ShapesEval partial credit, as reward or monitor
-
-
-@dataclass(frozen=True)
-class Run:
-    name: str
-    family: str  # "base", a FAMILIES key, or "ablation"
-    preset: str | None  # None: the base model, not trained
-    overrides: tuple[str, ...] = ()
-    seed: int = 0
-
-
-def run_table() -> list[Run]:
-    """Every run of the reproduction, in the order they are run."""
-    runs = [Run("base", "base", None)]
-    for family, (preset, _, seeds) in FAMILIES.items():
-        runs += [Run(f"{family}_s{s}", family, preset, (), s) for s in seeds]
-    for field, values in ABLATIONS:
-        runs += [Run(ablation_name(field, v), "ablation", FAMILIES["solace"][0],
-                     (f"{field}={v}",), 0) for v in values]
-    return runs
-
-
-def by_name(name: str) -> Run:
-    return next(r for r in run_table() if r.name == name)
-
-
-def ablation_name(field: str, value) -> str:
-    return f"abl_{field.rsplit('.', 1)[-1]}_{value}"
+from studies.report import write_report
 
 
 def run_config(run: Run, extra: Sequence[str] = ()) -> Config:
@@ -154,18 +106,10 @@ def train_run(cfg: Config, run_dir: Path, ray_cpus: int) -> None:
     timing.write_text(json.dumps({"seconds": round(before + time.perf_counter() - started, 1)}))
 
 
-def eval_rows(split: str, limit: int | None) -> list[dict]:
-    """The split's prompts, or the first ``limit`` of each tag."""
-    rows = load_split(split)
-    if limit is None:
-        return rows
-    return [r for tag in TAGS for r in [r for r in rows if r["tag"] == tag][:limit]]
-
-
 def evaluate_run(run_dir: Path, model: str, lora: Path | None, settings: dict) -> dict:
     """ShapesEval summaries per split; the first image of each prompt to eval_images.npz."""
     from policy.pipeline import build_pipeline, load_fused_lora
-    from rewards.shapes.eval_model import evaluate
+    from shapes.eval_model import evaluate
 
     pipe = build_pipeline(model, num_threads=EVAL_THREADS)
     if lora is not None:
@@ -205,13 +149,6 @@ def run_one(run: Run, runs_dir: Path, settings: dict, extra: Sequence[str], ray_
           f"unseen {result['unseen']['overall']:.3f}", flush=True)
 
 
-def read_eval(run_dir: Path, settings: dict) -> dict | None:
-    """The run's eval.json if it was made with ``settings``."""
-    path = run_dir / "eval.json"
-    saved = json.loads(path.read_text()) if path.is_file() else {}
-    return saved if saved.get("eval") == settings else None
-
-
 def ensure_ray(cfg: Config, cpus: int) -> None:
     """One local Ray instance for every run, with ``cpus`` tokens (the largest run's need)."""
     import ray
@@ -221,16 +158,6 @@ def ensure_ray(cfg: Config, cpus: int) -> None:
     if not ray.is_initialized():
         init_ray(cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"num_cpus": cpus})}),
                  None)
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """metrics.jsonl, one row per step (a resumed run's repeated steps: the last one)."""
-    path = run_dir / "metrics.jsonl"
-    by_step = {}
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        row = json.loads(line)
-        by_step[row["step"]] = row
-    return [by_step[s] for s in sorted(by_step)]
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -273,8 +200,6 @@ def main(argv: list[str] | None = None) -> Path:
     finally:
         if not ray_was_up:
             ray.shutdown()
-    from learner.report import write_report  # here: learner.report imports this module
-
     evals = {r.name: e for r in run_table() if (e := read_eval(runs_dir / r.name, settings))}
     report = write_report(out.parent / f"{out.name}.md", out, runs_dir, evals, argv,
                           time.perf_counter() - started, (load_start, os.getloadavg()))

@@ -1,8 +1,8 @@
 """Is a run's training reward going up? Per-block means of one reward from samples.jsonl.
 
-    python -m learner.trend runs/my-run                     # the first reward, blocks of 10 steps
-    python -m learner.trend runs/my-run --reward shapes --block 25
-    python -m learner.trend runs/a --against runs/b --reward shapes   # paired, same seed
+    python -m studies.trend runs/my-run                     # the first reward, blocks of 10 steps
+    python -m studies.trend runs/my-run --reward shapes --block 25
+    python -m studies.trend runs/a --against runs/b --reward shapes   # paired, same seed
 
 For each block of steps: the mean of the reward over the block's samples with its
 standard error, and the share of samples at the reward's maximum (for ShapesEval partial

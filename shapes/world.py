@@ -217,7 +217,7 @@ def load_split(name: str, data_dir: Path = DATA_DIR) -> list[dict]:
     path = data_dir / f"{name}.jsonl"
     if not path.exists():
         raise FileNotFoundError(
-            f"{path} missing; run `python -m rewards.shapes.world --write-splits`")
+            f"{path} missing; run `python -m shapes.world --write-splits`")
     return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
@@ -355,7 +355,7 @@ class Distortion:
     each object is stretched along x (or y) by a factor in [1, stretch], rotated by up to
     `rotation` degrees and has its corners rounded with a radius of up to `rounding` times
     its width. ShapesEval's tolerance is calibrated on such renders
-    (`rewards.shapes.benchmark.measure_prototypes`); pretraining never uses them."""
+    (`shapes.benchmark.measure_prototypes`); pretraining never uses them."""
 
     stretch: float = 1.4
     rotation: float = 10.0

@@ -1,7 +1,7 @@
 """ShapesEval as a reward scorer: ``(images, prompts, metadata) -> partial credit [N]``.
 
 The common scorer call of ``actors.reward.ExternalRewardWorker``; configure it as
-``external_rewards: [{name: shapes, target: "rewards.shapes.reward:ShapesReward"}]``.
+``external_rewards: [{name: shapes, target: "rewards.shapes:ShapesReward"}]``.
 Partial credit is the reward (strict correctness is too sparse to rank a group by);
 strict correctness stays the evaluation metric.
 """
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from rewards.shapes.evaluate import ShapesEval
+from shapes.evaluate import ShapesEval
 
 
 class ShapesReward:
@@ -26,5 +26,5 @@ class ShapesReward:
         for prompt, meta in zip(prompts, metadata, strict=True):
             if meta.get("prompt") != prompt or "include" not in meta:
                 raise ValueError(f"ShapesReward needs the shapes-world metadata of {prompt!r}; "
-                                 "train on a prompt file of rewards/shapes/data")
+                                 "train on a prompt file of shapes/data")
         return self.grader(images, list(metadata)).partial.astype(np.float32)

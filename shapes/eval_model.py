@@ -1,6 +1,6 @@
 """Evaluate a text-to-image model on a shapes-world split with ShapesEval.
 
-    python -m rewards.shapes.eval_model --model models/tiny-shapes-sd3 --split test \\
+    python -m shapes.eval_model --model models/tiny-shapes-sd3 --split test \\
         --per-prompt 4 --out reports/base [--lora RUN_DIR/lora]
 
 Generates ``per-prompt`` images for every prompt of the split with the deterministic
@@ -31,8 +31,8 @@ from policy.sampler import (
     encode_prompts,
     sample_rollout,
 )
-from rewards.shapes.evaluate import ShapesEval, ShapesScores, summarize
-from rewards.shapes.world import TAGS, load_split
+from shapes.evaluate import ShapesEval, ShapesScores, summarize
+from shapes.world import TAGS, load_split
 
 EVAL_STREAM = 2  # seed stream of evaluation noise (0 and 1 are sampling and probes)
 GREEN, RED = (0, 160, 0), (200, 0, 0)  # grid frames: correct / wrong

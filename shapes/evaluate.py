@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from rewards.shapes.world import (
+from shapes.world import (
     CLASSES,
     COLORS,
     PALETTE,
@@ -65,7 +65,7 @@ FEATURE_NAMES = ("fill", "top_third", "bottom_third", "log_aspect", "top_corners
 RADIAL_BINS = 32  # angular bins of the outline radius
 # Per class: mean and std of each feature over clean, perturbed and `Distortion`-bent
 # renders (stretched up to 1.4x, rotated up to 10 degrees, corners rounded), measured by
-# `python -m rewards.shapes.benchmark --prototypes`. A shape is matched to the class
+# `python -m shapes.benchmark --prototypes`. A shape is matched to the class
 # with the smallest distance in that class's std units, so the tolerance is "as bent as
 # a Distortion", not "as exact as the renderer".
 PROTOTYPES = np.array([
