@@ -23,6 +23,9 @@ queued requests (same image size, up to ``--max-batch`` images, waiting at most
 ``--max-wait-ms`` for more after the first) and runs the scorer on one thread, so the event
 loop keeps accepting and decoding meanwhile. When a batched call raises, each request of
 it is scored alone, so one bad request fails only itself.
+
+The app is ``rewards.serve_app``, the batcher ``rewards.serve_batch``; this module holds the
+CLI, the token, and the in-thread and child-process servers for tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import hmac
 import inspect
 import json
 import logging
@@ -42,209 +44,19 @@ import subprocess
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from aiohttp import web
-from pydantic import ValidationError
 
-from rewards.wire import (
-    Health,
-    ScoreRequest,
-    WireError,
-    decode_images,
-    describe_validation_error,
-    details_of,
-    import_scorer,
-    reward_array,
-)
+from rewards.serve_app import make_app
+from rewards.wire import import_scorer
 
 logger = logging.getLogger("rewards.serve")
 READY_LINE = "rewards.serve listening on "  # ServerProcess waits for this line on stdout
-
-
-@dataclass(eq=False)
-class _Pending:
-    images: np.ndarray  # [n, H, W, 3] uint8
-    prompts: list[str]
-    metadata: list[dict]
-    future: asyncio.Future
-
-
-@dataclass
-class _Stats:
-    requests: int = 0
-    images: int = 0
-    scorer_calls: int = 0
-
-
-class Batcher:
-    """Queues decoded requests and scores them in batches on one scorer thread."""
-
-    def __init__(self, scorer: Any, name: str, max_batch: int, max_wait_s: float) -> None:
-        self.scorer, self.name = scorer, name
-        self.max_batch, self.max_wait_s = max_batch, max_wait_s
-        self.stats = _Stats()
-        # One thread: scorers need not be thread-safe, and the loop stays free.
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer")
-        self._queue: deque[_Pending] = deque()
-        self._arrived = asyncio.Event()
-        self.arriving = 0  # requests being read or decoded: worth waiting for
-
-    async def score(self, images: np.ndarray, prompts: list[str], metadata: list[dict]
-                    ) -> tuple[np.ndarray, list[dict], int]:
-        """``(scores [n], details, images in the scorer call)``; raises what the scorer raised."""
-        pending = _Pending(images, prompts, metadata, asyncio.get_running_loop().create_future())
-        self._queue.append(pending)
-        self._arrived.set()
-        return await pending.future
-
-    async def run(self) -> None:
-        """The batching task: take a batch, score it on the thread, answer, repeat."""
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = await self._next_batch(loop)
-            results = await loop.run_in_executor(self.executor, self._score_batch, batch)
-            for pending, result in zip(batch, results, strict=True):
-                if pending.future.done():  # the client went away
-                    continue
-                if isinstance(result, BaseException):
-                    pending.future.set_exception(result)
-                else:
-                    pending.future.set_result(result)
-
-    async def _next_batch(self, loop: asyncio.AbstractEventLoop) -> list[_Pending]:
-        while not self._queue:
-            self._arrived.clear()
-            await self._arrived.wait()
-        first = self._queue.popleft()
-        batch, n = [first], len(first.images)
-        deadline = loop.time() + self.max_wait_s
-        while n < self.max_batch:
-            if self._queue:  # requests stay queued until taken: a timeout never loses one
-                nxt = self._queue[0]
-                if n + len(nxt.images) > self.max_batch or nxt.images.shape[1:] != first.images.shape[1:]:
-                    break
-                batch.append(self._queue.popleft())
-                n += len(nxt.images)
-                continue
-            remaining = deadline - loop.time()
-            if remaining <= 0 or not self.arriving:  # nothing on its way: do not wait
-                break
-            self._arrived.clear()
-            try:
-                await asyncio.wait_for(self._arrived.wait(), remaining)
-            except TimeoutError:
-                break
-        return batch
-
-    def _score_batch(self, batch: list[_Pending]) -> list[Any]:
-        """On the scorer thread: one call for the batch; if it raises, each request alone."""
-        try:
-            return self._call(batch)
-        except Exception as e:
-            if len(batch) == 1:
-                return [e]
-        out = []
-        for pending in batch:
-            try:
-                out += self._call([pending])
-            except Exception as e:
-                out.append(e)
-        return out
-
-    def _call(self, batch: list[_Pending]) -> list[tuple[np.ndarray, list[dict], int]]:
-        images = np.concatenate([p.images for p in batch]) if len(batch) > 1 else batch[0].images
-        prompts = [s for p in batch for s in p.prompts]
-        metadata = [m for p in batch for m in p.metadata]
-        n = len(images)
-        out = self.scorer(images, prompts, metadata)
-        self.stats.scorer_calls += 1
-        scores, details = reward_array(out, n, self.name), details_of(out, n)
-        results, start = [], 0
-        for p in batch:
-            stop = start + len(p.images)
-            results.append((scores[start:stop], details[start:stop], n))
-            start = stop
-        return results
-
-
-def _error(status: int, message: str, **headers: str) -> web.Response:
-    return web.json_response({"error": message}, status=status, headers=headers)
-
-
-def make_app(scorer: Any, name: str, version: str, token: str | None, *, max_batch: int = 64,
-             max_body_bytes: int = 32 << 20, max_wait_s: float = 0.005) -> web.Application:
-    """The aiohttp application serving ``scorer``; ``token=None`` accepts any request."""
-    batcher = Batcher(scorer, name, max_batch, max_wait_s)
-    expected = token.encode() if token is not None else None
-
-    @web.middleware
-    async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
-        if expected is not None:
-            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
-                logger.warning("401 for %s %s from %s", request.method, request.path, request.remote)
-                return _error(401, "missing or wrong bearer token", **{"WWW-Authenticate": "Bearer"})
-        try:
-            return await handler(request)
-        except web.HTTPException as e:  # 404, 405, 413 from aiohttp: the same JSON shape
-            if e.status < 400:
-                raise
-            return _error(e.status, e.text or e.reason)
-
-    async def health(request: web.Request) -> web.Response:
-        s = batcher.stats
-        return web.json_response(Health(name=name, version=version, max_batch=max_batch,
-                                        requests=s.requests, images=s.images,
-                                        scorer_calls=s.scorer_calls).model_dump())
-
-    async def score(request: web.Request) -> web.Response:
-        if request.content_type != "application/json":
-            return _error(415, f"content type must be application/json, got {request.content_type!r}")
-        batcher.arriving += 1
-        try:
-            body = await request.read()  # raises 413 past client_max_size
-            req = ScoreRequest.model_validate_json(body)
-            images = decode_images(req.images)
-        except ValidationError as e:
-            invalid_json = any(err["type"] == "json_invalid" for err in e.errors())
-            status = 400 if invalid_json else 422
-            return _error(status, ("body is not valid JSON: " if invalid_json else "")
-                          + describe_validation_error(e))
-        except WireError as e:
-            return _error(422, str(e))
-        finally:
-            batcher.arriving -= 1
-        batcher.stats.requests += 1
-        batcher.stats.images += len(images)
-        try:
-            scores, details, batch_images = await batcher.score(images, req.prompts, req.metadata)
-        except Exception as e:
-            logger.warning("scorer raised %s: %s", type(e).__name__, e)
-            return _error(500, f"scorer raised {type(e).__name__}: {e}")
-        # Plain json.dumps: the answer is built from checked floats, no model needed.
-        return web.Response(body=json.dumps({
-            "scores": scores.tolist(), "details": details, "name": name, "version": version,
-            "batch_images": batch_images}), content_type="application/json")
-
-    async def batching(app: web.Application):
-        task = asyncio.create_task(batcher.run())
-        yield
-        task.cancel()
-        batcher.executor.shutdown(wait=False, cancel_futures=True)
-
-    app = web.Application(client_max_size=max_body_bytes, middlewares=[guard])
-    app.router.add_get("/health", health)
-    app.router.add_post("/score", score)
-    app.cleanup_ctx.append(batching)
-    return app
 
 
 def scorer_version(scorer: Any) -> str:

@@ -11,7 +11,8 @@ import time
 
 import numpy as np
 
-from shapes.evaluate import ShapesScores, find_components, grade, summarize
+from shapes.detect import find_components
+from shapes.evaluate import ShapesScores, grade, summarize
 from shapes.world import (
     CLASSES,
     Distortion,

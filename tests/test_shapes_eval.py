@@ -5,12 +5,12 @@ import pytest
 from PIL import Image, ImageDraw
 
 from shapes import world
+from shapes.detect import label_components
 from shapes.evaluate import (
     ShapesEval,
     ShapesScores,
     detect,
     grade,
-    label_components,
     summarize,
 )
 from shapes.world import PALETTE, make_splits, perturb, render
@@ -171,7 +171,7 @@ def test_input_checks_and_other_formats():
 def test_prototypes_match_the_renderer():
     # If the renderer's shapes change, re-run `python -m shapes.benchmark --prototypes`.
     from shapes.benchmark import measure_prototypes
-    from shapes.evaluate import CLASS_STD, PROTOTYPES, STD_FLOOR
+    from shapes.detect import CLASS_STD, PROTOTYPES, STD_FLOOR
 
     means, _ = measure_prototypes(n_scenes=40, seed=1)
     assert np.abs((means - PROTOTYPES) / np.maximum(CLASS_STD, STD_FLOOR)).max() < 0.5
