@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from bench import report
+from bench import chart, report
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = {"all": ("stages", "e2e", "scaling", "gpu"), "render": (), "stages": ("stages",),
@@ -55,8 +55,8 @@ def log(message: str) -> None:
 
 def publish_payloads(cfg, settings: Settings) -> list[tuple[str, float]]:
     """Synthetic buffers, plus the real LoRA sizes of the benchmarked model and of SD3.5-M."""
+    from bench.gpu_mode import SD35M_SHAPE
     from bench.service import lora_megabytes
-    from bench.stages import SD35M_SHAPE
 
     targets = cfg.lora.target_modules
     out = [(f"{mb:g} MiB synthetic", float(mb)) for mb in settings.publish_mb]
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
                                          list(settings.scaling), log=log)
         done("scaling")
     if "gpu" in parts:
-        from bench.stages import run_gpu_mode
+        from bench.gpu_mode import run_gpu_mode
 
         log("part 7: GPU mode")
         results["gpu"] = run_gpu_mode(load_config(args.gpu_config), settings.repeats, threads)
@@ -162,7 +162,7 @@ def write(results: dict, out: Path) -> None:
     docs.mkdir(parents=True, exist_ok=True)
     plot = None
     if "e2e" in results:
-        report.plot(results, docs / "step_breakdown.png")
+        chart.plot(results, docs / "step_breakdown.png")
         plot = "docs/bench/step_breakdown.png"
     (docs / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     out.write_text(report.markdown(results, plot))

@@ -9,8 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.report import limit_text, pipeline_bound, spread, step_limits
+from bench.report_e2e import limit_text, pipeline_bound, step_limits
 from bench.service import Run, overlap_share, timeline_phases
+from bench.tables import spread
 
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ["# Benchmarks", "## Summary", "## 1. Sampler efficiency",
