@@ -20,8 +20,10 @@ from policy.sampler import (
     SamplerSpec,
     decode_images,
     encode_prompts,
+    eval_seed,
     sample_rollout,
     sample_seed,
+    sd3_sigmas,
 )
 from policy.weights import FlatWeights, unflatten_weights
 
@@ -71,9 +73,11 @@ class RolloutWorker:
         sampler: SamplerSpec,
         max_sequence_length: int,
         run_seed: int,
+        eval_sampler: SamplerSpec | None = None,
     ) -> None:
         self.policy = PolicyReplica(model_path, dtype, device, num_threads, lora)
         self.spec = sampler
+        self.eval_spec = eval_sampler
         self.max_sequence_length = max_sequence_length
         self.run_seed = run_seed
         # The CFG negative (the empty prompt) is the same for every call.
@@ -113,3 +117,38 @@ class RolloutWorker:
         """The rollout's final images, uint8 ``[B, H, W, 3]`` (for sample grids)."""
         final = torch.tensor(np.asarray(rollout.latents)[:, -1])  # a copy: object-store arrays are read-only
         return decode_images(self.policy.pipe, final)
+
+    @torch.no_grad()
+    def evaluate(self, jobs: list[tuple[int, str, int]], seed: int, batch: int = 32
+                 ) -> tuple[Rollout, np.ndarray]:
+        """Evaluation samples of the loaded version: ``(final-latent rollout, images)``.
+
+        ``jobs`` are ``(prompt_id, prompt, sample_index)``; each image starts from the noise
+        of ``eval_seed(seed, prompt_id, sample_index)`` and is denoised by the deterministic
+        sampler of ``eval_sampler``, so every version (and every run) is evaluated on the
+        same noise. The rollout holds only the final latents (``latents [B, 1, C, H, W]``,
+        no log-probs) and carries the *training* spec and sigmas, so that the reward pools
+        score it exactly as they score training samples (self-confidence probes its noise
+        levels from them). Images are uint8 ``[B, H, W, 3]``. Call with ``num_returns=2``.
+        """
+        version = self.policy.require_version()
+        if self.eval_spec is None:
+            raise RuntimeError("this rollout worker was built without an eval_sampler")
+        pipe, finals, images = self.policy.pipe, [], []
+        for start in range(0, len(jobs), batch):
+            chunk = jobs[start:start + batch]
+            prompts = [prompt for _, prompt, _ in chunk]
+            seeds = torch.tensor([eval_seed(seed, pid, i) for pid, _, i in chunk])
+            out = sample_rollout(pipe, prompts, seeds, self.eval_spec, negative=self.negative,
+                                 max_sequence_length=self.max_sequence_length)
+            finals.append(out.final)
+            images.append(decode_images(pipe, out.final))
+        final = torch.cat(finals)
+        rollout = Rollout(
+            latents=final[:, None], log_probs=torch.zeros(len(jobs), 0),
+            sigmas=sd3_sigmas(self.spec.num_steps, self.spec.shift),
+            seeds=torch.tensor([eval_seed(seed, pid, i) for pid, _, i in jobs]),
+            prompt_ids=torch.tensor([pid for pid, _, _ in jobs]),
+            prompts=[prompt for _, prompt, _ in jobs], spec=self.spec, weight_version=version,
+        )
+        return rollout.numpy(), np.concatenate(images)

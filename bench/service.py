@@ -268,7 +268,7 @@ def lora_megabytes(config: dict, ranks: list[int], targets) -> dict[int, float]:
 def run_setting(steps: int) -> list[str]:
     """What every benchmark run shares: ``steps`` steps, no Prometheus port, no mid-run saves."""
     return [f"train.steps={steps}", "metrics.port=0", f"train.save_every={steps + 1}",
-            f"metrics.grid_every={steps + 1}"]
+            f"metrics.grid_every={steps + 1}", "eval.every=0"]  # the loop alone is measured
 
 
 def run_e2e(load: Callable[[list[str]], Config], steps: int, warmup: int, runs: int, cores: int,

@@ -1,7 +1,9 @@
 """Line charts of per-step training curves, drawn with PIL (no plotting library needed).
 
-Each panel is (title, [(label, per-step values)]); NaN values are gaps. Used for
-docs/results/training.png and ablations.png (``studies.report``).
+Each panel is (title, [(label, per-step values)]); NaN values are skipped, so a series
+measured every few steps draws as a line through its points. Used for a run's
+``eval.png`` (``learner.main``) and for the studies' figures (``studies.report``,
+``studies.curve``).
 """
 
 from __future__ import annotations

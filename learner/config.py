@@ -40,12 +40,17 @@ class ModelConfig(_Section):
 class LoraConfig(_Section):
     rank: int = Field(32, ge=1, description="LoRA rank r")
     alpha: float = Field(64.0, gt=0, description="LoRA alpha (scale alpha / r)")
+    init: Literal["gaussian", "kaiming"] = Field(
+        "gaussian", description="init of A (B starts at 0): normal with std 1/r, as Flow-GRPO "
+        "and SOLACE use (peft's 'gaussian'), or peft's default kaiming-uniform"
+    )
     target_modules: tuple[str, ...] = Field(
         LoraSpec().target_modules, description="transformer modules that get a LoRA adapter"
     )
 
     def spec(self, seed: int) -> LoraSpec:
-        return LoraSpec(self.rank, self.alpha, self.target_modules, init_seed=seed)
+        return LoraSpec(self.rank, self.alpha, self.target_modules, init_seed=seed,
+                        init=self.init)
 
 
 class SamplerConfig(_Section):
@@ -60,10 +65,12 @@ class SamplerConfig(_Section):
     shift: float = Field(3.0, gt=0.0, description="SD3 timestep shift of the sigma schedule")
 
     def spec(self, eval: bool = False) -> SamplerSpec:
-        steps = self.eval_num_steps if eval else self.num_steps
-        window = None if eval else self.sde_window
-        return SamplerSpec(steps, self.guidance_scale, self.noise_level, self.sde_type, window,
-                           self.shift)
+        """The training sampler, or (``eval``) the deterministic ODE sampler of evaluation."""
+        if eval:
+            return SamplerSpec(self.eval_num_steps, self.guidance_scale, 0.0, self.sde_type,
+                               None, self.shift)
+        return SamplerSpec(self.num_steps, self.guidance_scale, self.noise_level, self.sde_type,
+                           self.sde_window, self.shift)
 
     @model_validator(mode="after")
     def _window_fits(self) -> SamplerConfig:
@@ -120,7 +127,12 @@ class GrpoConfig(_Section):
     clip_range: float = Field(1e-4, gt=0.0, description="PPO ratio clip epsilon")
     beta: float = Field(0.04, ge=0.0, description="KL coefficient")
     kl_form: Literal["exact", "flow_grpo"] = Field(
-        "exact", description="exact Gaussian KL, or Flow-GRPO's (without |dt|)"
+        "flow_grpo", description="Flow-GRPO's KL (without |dt|), so that beta means what the "
+        "reference's beta means; or the exact Gaussian KL, 1/|dt| (3.7x-12x) larger"
+    )
+    shuffle_rewards: bool = Field(
+        False, description="random-reward control: train on rewards permuted within each group "
+        "(samples.jsonl keeps the true rewards), to show what drift alone does"
     )
     lr: float = Field(3e-4, gt=0.0, description="AdamW learning rate")
     weight_decay: float = Field(1e-4, ge=0.0, description="AdamW weight decay")
@@ -256,6 +268,32 @@ class MetricsConfig(_Section):
     grid_every: int = Field(10, ge=1, description="write a sample grid every N steps (and at the end)")
 
 
+class EvalConfig(_Section):
+    every: int = Field(
+        0, ge=0, description="evaluate held-out prompts every N steps, before the first step and "
+        "after the last; 0: never (the presets turn it on)"
+    )
+    prompts: str = Field(
+        "shapes/data/test.jsonl", description="jsonl of held-out prompts (GenEval-style rows; "
+        "rows with shapes-world metadata are also graded by ShapesEval)"
+    )
+    prompts_per_tag: int | None = Field(
+        None, ge=1, description="the first N prompts of each tag (rows without a tag count as "
+        "one tag); null: every prompt"
+    )
+    per_prompt: int = Field(
+        4, ge=1, description="images per prompt; each starts from fixed noise (eval.seed)"
+    )
+    seed: int = Field(
+        0, ge=0, description="seed of the evaluation noise, independent of the run seed, so "
+        "runs of every seed and every version are evaluated on the same images' noise"
+    )
+    rewards: bool = Field(
+        True, description="also score the evaluation images with the run's rewards "
+        "(eval/<reward>/mean); false: ShapesEval only"
+    )
+
+
 class TrainConfig(_Section):
     steps: int = Field(20, ge=1, description="training steps (weight versions published)")
     prompts: str = Field(
@@ -281,6 +319,7 @@ class Config(_Section):
     learner: LearnerConfig = LearnerConfig()
     ray: RayConfig = RayConfig()
     metrics: MetricsConfig = MetricsConfig()
+    eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
     def _some_reward_trains(self) -> Config:
@@ -310,6 +349,17 @@ class Config(_Section):
                     f"{r.worst_case_s():.1f} s must be under reward_pool.timeout_s = "
                     f"{self.reward_pool.timeout_s} s; lower timeout_s/max_retries or raise "
                     "reward_pool.timeout_s")
+        return self
+
+
+    @model_validator(mode="after")
+    def _eval_groups_can_be_normalised(self) -> Config:
+        sc = self.self_confidence
+        if (self.eval.every and self.eval.rewards and sc.enabled and sc.aggregation == "official"
+                and self.eval.per_prompt < 2):
+            raise ValueError("eval.per_prompt must be >= 2 when the evaluation is scored with "
+                             "self_confidence.aggregation 'official' (it z-scores within each "
+                             "prompt's images); raise eval.per_prompt or set eval.rewards false")
         return self
 
 

@@ -109,6 +109,25 @@ def combine_advantages(
     )
 
 
+def shuffle_within_groups(
+    rewards: Mapping[str, torch.Tensor], group_ids: torch.Tensor, seed: int
+) -> dict[str, torch.Tensor]:
+    """Each reward permuted within each group: the random-reward control.
+
+    A permutation keeps every group's reward distribution (so the advantages have the
+    same scale and the same groups are dropped) but cuts the link between a sample and
+    its reward: training on it shows what the gradient noise alone does to the model.
+    All rewards of a sample move together, with one permutation per group drawn from
+    ``seed``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.arange(len(group_ids))
+    for g in torch.unique(group_ids):
+        rows = torch.nonzero(group_ids == g).flatten()
+        order[rows] = rows[torch.randperm(len(rows), generator=generator)]
+    return {name: r[order] for name, r in rewards.items()}
+
+
 def policy_loss(
     log_prob: torch.Tensor,
     old_log_prob: torch.Tensor,

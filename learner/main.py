@@ -30,11 +30,7 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import time
-from collections import defaultdict
-from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -43,31 +39,19 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from actors.pool import RewardError, RewardPool
-from actors.reward import ExternalRewardWorker, Scores, SelfConfidenceWorker
-from actors.rollout import RolloutWorker
+from learner import evaluation
 from learner.config import Config, ConfigError, load_config
-from learner.engine import LearnerGroup
-from learner.grpo import advantage_metrics, combine_advantages
+from learner.grpo import advantage_metrics, combine_advantages, shuffle_within_groups
 from learner.metrics import PrometheusMetrics
 from learner.prompts import PromptCursor, load_prompts
+from learner.rundir import latest_checkpoint, save_checkpoint, write_samples
+from learner.service import SC, RewardFailure, Service, StepWork, check_versions, rewards_of
 from policy.grid import prompt_lines, save_grid
-from policy.pipeline import save_lora_state
-from policy.sampler import suffix_window
+from policy.sampler import SHUFFLE_STREAM, derive_seed, suffix_window
 from rewards.http import HttpScorer
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_solace.yaml"
-SC = "self_confidence"
-HTTP_SCORER = "rewards.http:HttpScorer"  # the scorer of kind-http external rewards
 logger = logging.getLogger(__name__)
-
-
-class RewardFailure(RuntimeError):
-    """A reward's pool gave up on a call mid-run; ``reward`` names it."""
-
-    def __init__(self, reward: str, error: RewardError) -> None:
-        super().__init__(f"reward {reward!r}: {error}")
-        self.reward, self.error = reward, error
 
 
 class RewardStopped(RuntimeError):
@@ -76,213 +60,6 @@ class RewardStopped(RuntimeError):
     def __init__(self, message: str, reward: str, checkpoint: Path) -> None:
         super().__init__(message)
         self.reward, self.checkpoint = reward, checkpoint
-
-
-@dataclass
-class StepWork:
-    """The rollouts of one step in flight: their refs, version and scores as they arrive."""
-
-    step: int
-    version: int
-    refs: list[ray.ObjectRef]  # one ObjectRef[Rollout] per rollout call, in order
-    groups: list[list[tuple[int, str]]]  # the (prompt index, prompt) groups of each call
-    scores: dict[str, dict[int, Scores]] = field(default_factory=lambda: defaultdict(dict))
-    started: float = field(default_factory=time.perf_counter)
-
-
-class Service:
-    """The actors of one run and the calls that move data between them."""
-
-    def __init__(self, cfg: Config, rows: list[dict]):
-        self.cfg = cfg
-        m, lora = cfg.model, cfg.lora.spec(cfg.seed)
-        resources = ray.cluster_resources()
-        wants = cfg.rollout.require_resource or "rollout" in resources
-        rollout_res = {"rollout": 0.01} if wants else None
-        actor = ray.remote(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus,
-                           resources=rollout_res)(RolloutWorker)
-        self.rollout_actors = [
-            actor.remote(m.path, m.dtype, m.device, cfg.rollout.num_threads, lora,
-                         cfg.sampler.spec(), m.max_sequence_length, cfg.seed)
-            for _ in range(cfg.rollout.num_actors)
-        ]
-        sc, rp = cfg.self_confidence, cfg.reward_pool
-        self.pools: dict[str, RewardPool] = {}
-        if sc.enabled:
-            self.pools[SC] = RewardPool(
-                partial(SelfConfidenceWorker, m.path, m.dtype, m.device, rp.num_threads, lora,
-                        m.max_sequence_length, cfg.seed, sc.num_probes, sc.probe_fraction,
-                        sc.delta, sc.aggregation, sc.guidance_scale, sc.policy),
-                rp.num_actors, timeout_s=rp.timeout_s, max_retries=rp.max_retries,
-                max_restarts=rp.max_restarts, num_cpus=rp.num_cpus, num_gpus=rp.num_gpus,
-                require_resource=rp.require_resource, control_name=rp.control_name,
-            )
-        for ext in cfg.external_rewards:
-            # kind http: the client actor of a reward server, the remote external reward
-            target, kwargs = ((HTTP_SCORER, ext.http_kwargs()) if ext.kind == "http"
-                              else (ext.target, ext.kwargs))
-            self.pools[ext.name] = RewardPool(
-                partial(ExternalRewardWorker, target, ext.name, m.path, "float32", m.device,
-                        1, kwargs, rows),
-                ext.num_actors, timeout_s=rp.timeout_s, max_retries=rp.max_retries,
-                max_restarts=rp.max_restarts, num_cpus=ext.num_cpus, num_gpus=ext.num_gpus,
-                control_name=f"{rp.control_name}-{ext.name}",
-            )
-        for name, pool in self.pools.items():
-            try:
-                pool.wait_ready()
-            except RewardError as e:
-                raise RewardError(f"reward {name!r}: {e}", last_error=e.last_error) from e
-        self.learner = LearnerGroup(
-            cfg.learner.num_ranks, lora=lora, grpo=cfg.grpo, model_path=m.path, dtype=m.dtype,
-            device=m.device, num_threads=cfg.learner.num_threads, num_cpus=cfg.learner.num_cpus,
-            zero_stage=cfg.learner.zero_stage, max_sequence_length=m.max_sequence_length,
-            require_resource=cfg.learner.require_resource,
-        )
-        self.weights: dict[int, ray.ObjectRef] = {}  # version -> ObjectRef[FlatWeights]
-        self.failure: RewardFailure | None = None  # seen during an update, raised by gather
-
-    def publish(self, version: int) -> float:
-        """Store weights ``version`` once and push the ref to every rollout actor.
-
-        Returns the seconds until the buffer is in the object store. The pushes are not
-        waited for: actor calls run in order, so every sample call submitted after them
-        uses the new version, and a failed load surfaces in that call.
-        """
-        t0 = time.perf_counter()
-        ref = self.learner.publish(version)
-        ray.wait([ref], fetch_local=False)  # stored by rank 0; the driver never copies it
-        seconds = time.perf_counter() - t0
-        for actor in self.rollout_actors:
-            actor.set_weights.remote(ref)
-        self.weights[version] = ref
-        # Keep the versions that in-flight rollouts may still need for scoring.
-        for old in [v for v in self.weights if v < version - self.cfg.learner.max_staleness]:
-            del self.weights[old]
-        return seconds
-
-    def launch(self, step: int, version: int, picked: list[tuple[int, dict]]) -> StepWork:
-        """Sample the step's groups on the rollout actors and queue them for scoring."""
-        groups = [(index, row["prompt"]) for index, row in picked]
-        chunks = [list(c) for c in np.array_split(np.arange(len(groups)), len(self.rollout_actors))
-                  if len(c)]
-        work = StepWork(step, version, [], [])
-        for actor, chunk in zip(self.rollout_actors, chunks, strict=False):
-            call_groups = [groups[i] for i in chunk]
-            ref = actor.sample.remote(call_groups, step, self.cfg.grpo.group_size)
-            for pool in self.pools.values():  # scored as soon as this rollout exists
-                pool.submit(ref, self.weights[version], key=(step, len(work.refs)))
-            work.refs.append(ref)
-            work.groups.append(call_groups)
-        return work
-
-    def gather(self, inflight: dict[int, StepWork], step: int) -> None:
-        """Collect scores (of any step) until every call of ``step`` has every reward.
-
-        Raises :class:`RewardFailure` naming the reward whose pool gave up on a call.
-        """
-        if self.failure is not None:  # seen while an update was running
-            failure, self.failure = self.failure, None
-            raise failure
-        work = inflight[step]
-        want = len(work.refs)
-        while any(len(work.scores[name]) < want for name in self.pools):
-            self.collect(inflight, timeout=0.05)
-
-    def collect(self, inflight: dict[int, StepWork], timeout: float) -> None:
-        """One round over the pools: dispatch queued calls, file the scores that are in."""
-        for name, pool in self.pools.items():
-            try:
-                done = pool.collect(timeout=timeout)
-            except RewardError as e:
-                raise RewardFailure(name, e) from e
-            for (s, call), scores in done:
-                inflight[s].scores[name][call] = scores
-
-    def wait_update(self, refs: list[ray.ObjectRef], inflight: dict[int, StepWork]) -> None:
-        """Wait for the learner's update while the reward pools keep working.
-
-        A pool hands a finished rollout to a reward actor only while it is pumped, so
-        without this the next step's rollouts would wait for the update to end before
-        being scored. A reward failure seen here is raised by the next :meth:`gather`,
-        once the update is complete.
-        """
-        while len(ray.wait(refs, num_returns=len(refs), timeout=0.02, fetch_local=False)[0]) < len(refs):
-            if self.failure is None:
-                try:
-                    self.collect(inflight, timeout=0.02)
-                except RewardFailure as failure:
-                    self.failure = failure
-
-    def drop(self, name: str) -> None:
-        """Stop scoring with reward ``name``: its pool and its actors go."""
-        self.pools.pop(name).shutdown()
-
-    def close(self) -> None:
-        for pool in self.pools.values():
-            pool.shutdown()
-        self.learner.shutdown()
-
-
-def rewards_of(work: StepWork, names: list[str]) -> dict[str, np.ndarray]:
-    """Each reward over the step's samples, in rollout-call order."""
-    return {n: np.concatenate([work.scores[n][c].reward for c in range(len(work.refs))])
-            for n in names}
-
-
-def check_versions(work: StepWork) -> None:
-    """Every score must be of the samples of the version that made them (self-confidence
-    scores with that version's weights; external scores carry the rollout's version)."""
-    for name, calls in work.scores.items():
-        for call, scores in calls.items():
-            if scores.weight_version != work.version:
-                raise RuntimeError(f"step {work.step} call {call}: {name} scored weight version "
-                                   f"{scores.weight_version}, sampled with {work.version}")
-
-
-def write_samples(log, work: StepWork, rewards: dict[str, np.ndarray], adv, trained_at: int,
-                  missing: tuple[str, ...] = ()):
-    """One line per sample: who made it, with which version, what it scored.
-
-    ``sample_version`` is the version the step was launched with; it is the rollout's own,
-    since a reward worker refuses weights of any other version than the rollout's.
-    Rewards in ``missing`` (dropped, so not used for this step) are written as null.
-    """
-    n = 0
-    first = next(iter(work.scores))  # every reward scores the same samples, in order
-    for call in range(len(work.refs)):
-        sc = work.scores[first][call]
-        for i, (prompt_id, seed) in enumerate(sc.sample_keys):
-            row = {"step": work.step, "prompt_id": prompt_id, "seed": seed,
-                   "sample_version": work.version, "score_version": sc.weight_version,
-                   "trained_at_version": trained_at, "advantage": float(adv.values[n + i]),
-                   "kept": bool(adv.keep[n + i])}
-            row.update({f"reward/{k}": float(v[n + i]) for k, v in rewards.items()})
-            row.update({f"reward/{k}": None for k in missing})
-            log.write(json.dumps(row) + "\n")
-        n += len(sc.sample_keys)
-
-
-def save_checkpoint(run_dir: Path, service: Service, cursor: PromptCursor, step: int) -> Path:
-    """``checkpoints/step_N``: LoRA (diffusers format), optimizer states, loop state.
-
-    Written to a temporary directory and renamed into place, so a crash never leaves a
-    half-written checkpoint; ``lora/`` at the top of the run dir is the latest LoRA.
-    """
-    state = service.learner.state_dict()
-    final = run_dir / "checkpoints" / f"step_{step:06d}"
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_lora_state(state["lora"], service.cfg.lora.spec(service.cfg.seed), tmp / "lora")
-    torch.save({"learner": state, "step": step, "cursor": cursor.position}, tmp / "trainer.pt")
-    if final.exists():  # a resumed run re-saving a step
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    latest = run_dir / "lora"
-    shutil.rmtree(latest, ignore_errors=True)
-    shutil.copytree(final / "lora", latest)
-    return final
 
 
 def check_http_rewards(cfg: Config) -> None:
@@ -332,11 +109,6 @@ def on_reward_failure(failure: RewardFailure, cfg: Config, service: Service,
     ) from failure
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    done = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if not p.name.endswith(".tmp"))
-    return done[-1] if done else None
-
-
 def init_ray(cfg: Config, address: str | None) -> None:
     """Join ``address``/RAY_ADDRESS (as under ``ray job submit``) or start a local instance."""
     address = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
@@ -366,7 +138,9 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
     check_http_rewards(cfg)  # an unreachable server or a wrong token fails here, not mid-run
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    service = Service(cfg, rows)
+    eval_set = (evaluation.eval_rows(load_prompts(cfg.eval.prompts), cfg.eval.prompts_per_tag)
+                if cfg.eval.every else [])
+    service = Service(cfg, rows, eval_set)
     cursor, start = PromptCursor(rows, cfg.seed), 0
     ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt is not None:
@@ -381,11 +155,50 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
     weights = ({SC: cfg.self_confidence.weight} if cfg.self_confidence.enabled else {}) | {
         e.name: e.weight for e in cfg.external_rewards}
     steps_trained = list(range(*suffix_window(cfg.sampler.num_steps - 1, cfg.grpo.train_fraction)))
-    inflight: dict[int, StepWork] = {}
+    inflight: dict[int | tuple[str, int], StepWork] = {}
     next_launch = start
     mode = "a" if resume else "w"
+    if not resume:
+        for name in ("evals.jsonl", "eval_samples.jsonl"):
+            (run_dir / name).unlink(missing_ok=True)
+
+    def wait_for(key) -> None:
+        """Wait for every reward of ``inflight[key]``; a reward failing for good: its on_failure."""
+        nonlocal weights
+        while True:
+            try:
+                return service.gather(inflight, key)
+            except RewardFailure as failure:  # on_failure: stop (raises) or drop
+                weights = on_reward_failure(failure, cfg, service, weights, run_dir, cursor,
+                                            key if isinstance(key, int) else key[1])
+                metrics_server.drop_reward(failure.reward)
+
+    def evaluate(step: int) -> dict[str, float]:
+        """Evaluate the current version on the held-out prompts; log and plot it."""
+        t = time.perf_counter()
+        jobs = evaluation.eval_jobs(eval_set, cfg.eval.per_prompt, offset=len(rows))
+        work, image_refs = service.launch_eval(version, jobs, cfg.eval.seed, cfg.eval.rewards)
+        inflight[work.step] = work
+        wait_for(work.step)
+        inflight.pop(work.step)
+        check_versions(work)
+        scores = rewards_of(work, list(service.pools)) if work.scored else {}
+        result = evaluation.grade(version, step, eval_set, cfg.eval.per_prompt,
+                                  np.concatenate(ray.get(image_refs)), scores)
+        result.summary["timing/eval_s"] = time.perf_counter() - t
+        evaluation.write(run_dir, result)
+        evaluation.plot(run_dir)
+        metrics_server.update_eval(result.summary)
+        shown = {k: v for k, v in result.summary.items()
+                 if k.endswith(("/strict", "/mean")) and k.count("/") == 2}
+        tqdm.write(f"eval at version {version}: " + ", ".join(
+            f"{k[5:]} {v:.4f}" for k, v in shown.items()))
+        return result.summary
+
     bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc="train")
     try:
+        if cfg.eval.every and version not in evaluation.read_evals(run_dir):
+            evaluate(start)  # the starting point of every paired gain
         with open(run_dir / "metrics.jsonl", mode) as log, open(run_dir / "samples.jsonl", mode) as samples:
             for step in bar:
                 t0 = time.perf_counter()
@@ -395,14 +208,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
                     inflight[next_launch] = service.launch(next_launch, version, picked)
                     next_launch += 1
                 # rollouts -> scores, taken as they finish
-                while True:
-                    try:
-                        service.gather(inflight, step)
-                        break
-                    except RewardFailure as failure:  # on_failure: stop (raises) or drop
-                        weights = on_reward_failure(failure, cfg, service, weights, run_dir,
-                                                    cursor, step)
-                        metrics_server.drop_reward(failure.reward)
+                wait_for(step)
                 work = inflight.pop(step)
                 check_versions(work)
                 t1 = time.perf_counter()
@@ -410,8 +216,11 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
                 rewards = rewards_of(work, list(weights))  # the rewards not dropped
                 main_reward = next(iter(rewards))  # self-confidence unless disabled: bar, grids
                 group_ids = torch.arange(len(rewards[main_reward])) // cfg.grpo.group_size
-                adv = combine_advantages(
-                    {k: torch.from_numpy(v) for k, v in rewards.items()}, weights, group_ids,
+                trained_on = {k: torch.from_numpy(v) for k, v in rewards.items()}
+                if cfg.grpo.shuffle_rewards:  # the random-reward control
+                    trained_on = shuffle_within_groups(trained_on, group_ids,
+                                                       derive_seed(cfg.seed, SHUFFLE_STREAM, step))
+                adv = combine_advantages(trained_on, weights, group_ids,
                     cfg.grpo.combine, cfg.grpo.std_mode, cfg.grpo.adv_clip, cfg.grpo.adv_eps)
                 # advantages -> update (DeepSpeed ranks take the rollouts by reference)
                 staleness = version - work.version
@@ -427,6 +236,10 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
                 # update -> publish weights v+1 to every rollout actor
                 version += 1
                 push_s = service.publish(version)
+                last = step == cfg.train.steps - 1
+                # evaluate held-out prompts with fixed noise (every eval.every steps)
+                if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or last):
+                    metrics.update(evaluate(step + 1))
                 # log
                 dropped = tuple(n for n in names if n not in weights)
                 write_samples(samples, work, rewards, adv, version - 1, dropped)
@@ -455,7 +268,6 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
                 metrics_server.update(metrics)
                 bar.set_postfix(reward=f"{metrics[f'reward/{main_reward}/mean']:+.4f}",
                                 sps=f"{metrics['rollout/samples_per_s']:.1f}", stale=staleness)
-                last = step == cfg.train.steps - 1
                 if (step + 1) % cfg.train.save_every == 0 or last:
                     save_checkpoint(run_dir, service, cursor, step + 1)
                 if (step + 1) % cfg.metrics.grid_every == 0 or last:
@@ -468,6 +280,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
     finally:
         bar.close()
         service.close()
+    for line in evaluation.report(run_dir):  # start -> end, paired image by image
+        print(line, flush=True)
     return run_dir
 
 

@@ -32,6 +32,8 @@ class PrometheusMetrics:
         self.queue = Gauge("solace_queue_depth", "steps sampling ahead of the learner", registry=r)
         self.alive = Gauge("solace_reward_actors_alive", "self-confidence actors alive", registry=r)
         self.phase = Gauge("solace_step_seconds", "seconds per phase of the step", ["phase"], registry=r)
+        self.eval = Gauge("solace_eval", "held-out evaluation of the latest weights", ["metric"],
+                          registry=r)
         self.reward_names = reward_names
         if self.enabled:
             start_http_server(port, registry=self.registry)
@@ -56,3 +58,9 @@ class PrometheusMetrics:
         self.alive.set(m.get("reward/pool/alive", 0.0))
         for phase, key in PHASES.items():
             self.phase.labels(phase=phase).set(m[key])
+
+    def update_eval(self, summary: dict[str, float]) -> None:
+        """The latest held-out evaluation, one series per ``eval/...`` metric."""
+        for key, value in summary.items():
+            if key.startswith("eval/"):
+                self.eval.labels(metric=key[len("eval/"):]).set(value)

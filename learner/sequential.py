@@ -28,14 +28,16 @@ import torch
 import yaml
 
 from learner.config import Config, load_config
-from learner.grpo import advantage_metrics, combine_advantages
+from learner.grpo import advantage_metrics, combine_advantages, shuffle_within_groups
 from learner.prompts import PromptCursor, load_prompts
 from learner.update import accumulate_grpo_gradients
 from policy.logprob import trained_steps
 from policy.pipeline import adapter_disabled, add_lora, build_pipeline, save_lora
 from policy.sampler import (
+    SHUFFLE_STREAM,
     Conditioning,
     Rollout,
+    derive_seed,
     encode_prompts,
     sample_rollout,
     sample_seed,
@@ -127,8 +129,12 @@ def train(cfg: Config, run_dir: Path | None = None) -> Path:
             t1 = time.perf_counter()
             reward = score_step(pipe, cfg, batch, negative)  # rollouts -> self-confidence
             t2 = time.perf_counter()
+            rewards = {"self_confidence": reward}
+            if cfg.grpo.shuffle_rewards:  # the random-reward control, as in learner.main
+                rewards = shuffle_within_groups(rewards, batch.group_ids,
+                                                derive_seed(cfg.seed, SHUFFLE_STREAM, step))
             adv = combine_advantages(  # rewards -> advantages
-                {"self_confidence": reward}, {"self_confidence": cfg.self_confidence.weight},
+                rewards, {"self_confidence": cfg.self_confidence.weight},
                 batch.group_ids, cfg.grpo.combine, cfg.grpo.std_mode, cfg.grpo.adv_clip,
                 cfg.grpo.adv_eps,
             )

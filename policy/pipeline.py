@@ -133,6 +133,8 @@ class LoraSpec:
     """Module-name suffixes that get an adapter; each must match at least one module."""
     init_seed: int = 0
     """Seed for the random A matrices (B starts at zero)."""
+    init: str = "gaussian"
+    """A's init: "gaussian" (normal, std 1/r, as both references) or "kaiming" (peft's default)."""
 
 
 def lora_config(spec: LoraSpec) -> LoraConfig:
@@ -140,7 +142,7 @@ def lora_config(spec: LoraSpec) -> LoraConfig:
     return LoraConfig(
         r=spec.rank,
         lora_alpha=spec.alpha,
-        init_lora_weights=True,
+        init_lora_weights={"gaussian": "gaussian", "kaiming": True}[spec.init],
         target_modules=list(spec.target_modules),
     )
 

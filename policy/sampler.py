@@ -191,12 +191,21 @@ def derive_seed(*parts: int) -> int:
 
 
 # Independent seed streams of a run: one per kind of randomness.
-SAMPLE_STREAM, PROBE_STREAM = 0, 1
+SAMPLE_STREAM, PROBE_STREAM, EVAL_STREAM, SHUFFLE_STREAM = 0, 1, 2, 3
 
 
 def sample_seed(run_seed: int, step: int, prompt_index: int, sample_index: int) -> int:
     """The seed of one sample, a pure function of where the sample sits in the run."""
     return derive_seed(run_seed, SAMPLE_STREAM, step, prompt_index, sample_index)
+
+
+def eval_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """The starting noise of evaluation image ``sample_index`` of prompt ``prompt_index``.
+
+    It depends on neither the run seed nor the step: every model evaluated with the same
+    ``seed`` starts from the same noise, so evaluations pair image by image.
+    """
+    return derive_seed(seed, EVAL_STREAM, prompt_index, sample_index)
 
 
 def sample_noise(seeds: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

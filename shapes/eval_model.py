@@ -7,7 +7,7 @@ Generates ``per-prompt`` images for every prompt of the split with the determini
 ODE sampler (``--steps`` steps, CFG ``--cfg``), grades them, prints a per-tag table and
 GenEval's overall score (the mean over tags), and writes ``report.json`` and
 ``grid.png`` (one sample per prompt, its verdict and prompt underneath). Image ``i`` of
-prompt ``p`` starts from the noise of ``derive_seed(seed, EVAL_STREAM, p, i)``, so two
+prompt ``p`` starts from the noise of ``policy.sampler.eval_seed(seed, p, i)``, so two
 models evaluated with the same seed start from the same noise.
 """
 
@@ -27,14 +27,13 @@ from policy.pipeline import build_pipeline, load_fused_lora
 from policy.sampler import (
     SamplerSpec,
     decode_images,
-    derive_seed,
     encode_prompts,
+    eval_seed,
     sample_rollout,
 )
 from shapes.evaluate import ShapesEval, ShapesScores, summarize
 from shapes.world import TAGS, load_split
 
-EVAL_STREAM = 2  # seed stream of evaluation noise (0 and 1 are sampling and probes)
 GREEN, RED = (0, 160, 0), (200, 0, 0)  # grid frames: correct / wrong
 
 
@@ -55,7 +54,7 @@ def generate(pipe, rows: list[dict], per_prompt: int, spec: SamplerSpec, seed: i
     for start in range(0, len(jobs), batch):
         chunk = jobs[start:start + batch]
         prompts = [rows[p]["prompt"] for p, _ in chunk]
-        seeds = torch.tensor([derive_seed(seed, EVAL_STREAM, p, i) for p, i in chunk])
+        seeds = torch.tensor([eval_seed(seed, p, i) for p, i in chunk])
         rollout = sample_rollout(pipe, prompts, seeds, spec, negative=negative,
                                  max_sequence_length=max_sequence_length)
         images.append(decode_images(pipe, rollout.final))

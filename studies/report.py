@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from learner.charts import line_charts
 from learner.config import load_config
 from policy.grid import image_grid, prompt_lines
 from shapes.world import TAGS
-from studies.charts import line_charts
 from studies.plan import (
     EVAL,
     FAMILIES,

@@ -120,3 +120,22 @@ def test_loss_on_policy_is_minus_mean_advantage():
     loss, m = policy_loss(lp, lp, torch.tensor([0.5, -1.5]), clip_range=1e-4)
     assert loss.item() == pytest.approx(0.5)
     assert m["loss/ratio_mean"].item() == 1.0 and m["loss/approx_kl"].item() == 0.0
+
+
+def test_shuffled_rewards_are_a_permutation_within_each_group_moving_rewards_together():
+    from learner.grpo import shuffle_within_groups
+
+    group_ids = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    a = torch.arange(8.0)
+    rewards = {"a": a, "b": a * 10}
+    out = shuffle_within_groups(rewards, group_ids, seed=3)
+    for g in (0, 1):
+        rows = group_ids == g
+        assert sorted(out["a"][rows].tolist()) == sorted(a[rows].tolist())  # same group, same values
+    assert torch.equal(out["b"], out["a"] * 10)  # a sample's rewards move together
+    assert not torch.equal(out["a"], a)  # seed 3 moves something
+    assert torch.equal(shuffle_within_groups(rewards, group_ids, seed=3)["a"], out["a"])
+    # the advantages keep their scale: same per-group spread, same dropped groups
+    before = group_advantages(a, group_ids)
+    after = group_advantages(out["a"], group_ids)
+    assert sorted(after.values.tolist()) == pytest.approx(sorted(before.values.tolist()))

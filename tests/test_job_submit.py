@@ -168,6 +168,7 @@ def test_job_submit_runs_the_driver(ray_head):
         "grpo.prompts_per_step=1",
         "grpo.group_size=4",
         "metrics.port=0",  # the default 8000 may be taken on a shared machine
+        "eval.every=0",  # the evaluation is tested in test_main
     ]
     entrypoint = ["python", "-m", "learner.main", "--config", "configs/tiny_solace.yaml",
                   "--run-dir", str(run_dir)]

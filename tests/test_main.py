@@ -21,17 +21,20 @@ import ray
 import torch
 
 from actors.scale import set_pool_size
-from learner import sequential
+from learner import evaluation, sequential
 from learner.config import load_config
 from learner.main import latest_checkpoint, train
+from learner.prompts import load_prompts
+from policy.pipeline import build_pipeline
 from policy.sampler import SamplerSpec, sample_rollout
 from policy.tiny import build_tiny_pipeline
+from shapes import eval_model
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = [
     "model.path=tiny-random", "grpo.group_size=4", "grpo.prompts_per_step=2",
     "grpo.micro_batch=8", "sampler.num_steps=6", "self_confidence.num_probes=4",
-    "metrics.port=0", "metrics.grid_every=2", "reward_pool.timeout_s=120",
+    "metrics.port=0", "metrics.grid_every=2", "reward_pool.timeout_s=120", "eval.every=0",
 ]
 
 
@@ -161,6 +164,41 @@ def test_external_reward_alone_trains_and_a_weight_zero_reward_is_recorded(local
     assert len(samples) == 2 * 2 * 4
     assert all("reward/self_confidence" not in s and s["reward/bright"] >= 0 for s in samples)
     assert (run_dir / "lora").is_dir()
+
+
+def test_held_out_evaluation_runs_before_between_and_after_and_pairs_with_the_base(local_ray,
+                                                                                   tmp_path):
+    """eval.every: fixed-noise ODE images of held-out prompts, graded and scored by every pool.
+
+    Version 0 is the base model (B = 0), so its images must be exactly those of
+    shapes.eval_model on the bare pipeline with the same eval seed.
+    """
+    monitor = '[{name: shapes, target: "rewards.shapes:ShapesReward", weight: 0.0}]'
+    cfg = load_config(REPO / "configs/tiny_solace.yaml", SMALL + [
+        "train.steps=3", "learner.max_staleness=1", "eval.every=2", "eval.prompts_per_tag=1",
+        "eval.per_prompt=2", "eval.seed=5", "sampler.eval_num_steps=4",
+        "reward_pool.control_name=test-pool-eval", f"external_rewards={monitor}"])
+    run_dir = train(cfg, tmp_path / "eval")
+    evals = evaluation.read_evals(run_dir)
+    assert sorted(evals) == [0, 2, 3]  # before step 0, after step 2 (every 2), after the last
+    rows = evaluation.eval_rows(load_prompts(cfg.eval.prompts), 1)
+    assert len(rows) == 6 and all(len(evals[v]) == 12 for v in evals)  # 6 tags x 2 images
+    for v, images in evals.items():
+        assert all(isinstance(r["shapes/strict"], bool) and r["reward/self_confidence"] < 0
+                   and 0 <= r["reward/shapes"] <= 1 for r in images)
+        # the pool's ShapesReward (metadata found past the training rows) = the driver's grade
+        assert [r["reward/shapes"] for r in images] == pytest.approx(
+            [r["shapes/partial"] for r in images], abs=1e-6), v
+    metrics = _lines(run_dir / "metrics.jsonl")
+    assert [("eval/shapes/strict" in m) for m in metrics] == [False, True, True]
+    assert metrics[1]["eval/version"] == 2 and (run_dir / "eval.png").is_file()
+    # version 0 is the base model: the same images as shapes.eval_model with the same seed
+    base = eval_model.evaluate(build_pipeline("tiny-random"), rows, 2, 4, 4.5, seed=5)
+    assert [r["shapes/partial"] for r in evals[0]] == pytest.approx(
+        base.scores.partial.tolist(), abs=1e-6)
+    lines = evaluation.report(run_dir)
+    assert lines[0].startswith("held-out evaluation, version 0 -> 3 (12 images")
+    assert any(line.strip().startswith("self_confidence") for line in lines)
 
 
 def _free_port() -> int:

@@ -272,3 +272,19 @@ def test_policy_modules_do_not_import_ray_or_deepspeed():
         [sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_lora_init_is_the_references_gaussian_by_default_and_b_starts_at_zero():
+    from policy.pipeline import LoraSpec, add_lora
+
+    stds = {}
+    for init in ("gaussian", "kaiming"):
+        transformer = build_tiny_pipeline(seed=0).transformer
+        add_lora(transformer, LoraSpec(rank=4, alpha=8, init=init))
+        a = torch.cat([p.flatten() for n, p in transformer.named_parameters() if "lora_A" in n])
+        b = torch.cat([p.flatten() for n, p in transformer.named_parameters() if "lora_B" in n])
+        assert torch.all(b == 0)
+        stds[init] = float(a.std())
+    assert stds["gaussian"] == pytest.approx(1 / 4, rel=0.1)  # peft's "gaussian": std 1/r
+    assert abs(stds["kaiming"] - 1 / 4) > 0.05  # the other init is another distribution
+    assert LoraSpec().init == "gaussian"

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from studies import charts, plan
+from learner import charts
+from studies import plan
 from studies import report as rpt
 from studies import reproduce as rep
 

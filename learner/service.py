@@ -1,0 +1,223 @@
+"""The actors of one run and the calls that move data between them.
+
+:class:`Service` builds the rollout actors, the reward pools (self-confidence and each
+external reward) and the DeepSpeed learner ranks; it launches a step's rollouts, queues
+them for scoring as they finish, and collects the scores. The driver loop
+(``learner.main.train``) decides what happens when; this module only moves data.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from functools import partial
+
+import numpy as np
+import ray
+
+from actors.pool import RewardError, RewardPool
+from actors.reward import ExternalRewardWorker, Scores, SelfConfidenceWorker
+from actors.rollout import RolloutWorker
+from learner.config import Config
+from learner.engine import LearnerGroup
+
+SC = "self_confidence"
+HTTP_SCORER = "rewards.http:HttpScorer"  # the scorer of kind-http external rewards
+
+
+class RewardFailure(RuntimeError):
+    """A reward's pool gave up on a call mid-run; ``reward`` names it."""
+
+    def __init__(self, reward: str, error: RewardError) -> None:
+        super().__init__(f"reward {reward!r}: {error}")
+        self.reward, self.error = reward, error
+
+
+@dataclass
+class StepWork:
+    """The rollouts of one step in flight: their refs, version and scores as they arrive.
+
+    An evaluation is filed the same way under the step key ``("eval", version)``.
+    """
+
+    step: int | tuple[str, int]
+    version: int
+    refs: list[ray.ObjectRef]  # one ObjectRef[Rollout] per rollout call, in order
+    groups: list[list[tuple[int, str]]]  # the (prompt index, prompt) groups of each call
+    scores: dict[str, dict[int, Scores]] = field(default_factory=lambda: defaultdict(dict))
+    started: float = field(default_factory=time.perf_counter)
+    scored: bool = True  # False: no reward scores this work (an evaluation without rewards)
+
+
+class Service:
+    """The actors of one run and the calls that move data between them."""
+
+    def __init__(self, cfg: Config, rows: list[dict], eval_rows: list[dict] | None = None):
+        self.cfg = cfg
+        eval_rows = eval_rows or []
+        m, lora = cfg.model, cfg.lora.spec(cfg.seed)
+        resources = ray.cluster_resources()
+        wants = cfg.rollout.require_resource or "rollout" in resources
+        rollout_res = {"rollout": 0.01} if wants else None
+        actor = ray.remote(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus,
+                           resources=rollout_res)(RolloutWorker)
+        self.rollout_actors = [
+            actor.remote(m.path, m.dtype, m.device, cfg.rollout.num_threads, lora,
+                         cfg.sampler.spec(), m.max_sequence_length, cfg.seed,
+                         cfg.sampler.spec(eval=True))
+            for _ in range(cfg.rollout.num_actors)
+        ]
+        sc, rp = cfg.self_confidence, cfg.reward_pool
+        self.pools: dict[str, RewardPool] = {}
+        if sc.enabled:
+            self.pools[SC] = RewardPool(
+                partial(SelfConfidenceWorker, m.path, m.dtype, m.device, rp.num_threads, lora,
+                        m.max_sequence_length, cfg.seed, sc.num_probes, sc.probe_fraction,
+                        sc.delta, sc.aggregation, sc.guidance_scale, sc.policy),
+                rp.num_actors, timeout_s=rp.timeout_s, max_retries=rp.max_retries,
+                max_restarts=rp.max_restarts, num_cpus=rp.num_cpus, num_gpus=rp.num_gpus,
+                require_resource=rp.require_resource, control_name=rp.control_name,
+            )
+        for ext in cfg.external_rewards:
+            # kind http: the client actor of a reward server, the remote external reward
+            target, kwargs = ((HTTP_SCORER, ext.http_kwargs()) if ext.kind == "http"
+                              else (ext.target, ext.kwargs))
+            self.pools[ext.name] = RewardPool(
+                partial(ExternalRewardWorker, target, ext.name, m.path, "float32", m.device,
+                        1, kwargs, rows + eval_rows),  # eval prompt ids follow the rows
+                ext.num_actors, timeout_s=rp.timeout_s, max_retries=rp.max_retries,
+                max_restarts=rp.max_restarts, num_cpus=ext.num_cpus, num_gpus=ext.num_gpus,
+                control_name=f"{rp.control_name}-{ext.name}",
+            )
+        for name, pool in self.pools.items():
+            try:
+                pool.wait_ready()
+            except RewardError as e:
+                raise RewardError(f"reward {name!r}: {e}", last_error=e.last_error) from e
+        self.learner = LearnerGroup(
+            cfg.learner.num_ranks, lora=lora, grpo=cfg.grpo, model_path=m.path, dtype=m.dtype,
+            device=m.device, num_threads=cfg.learner.num_threads, num_cpus=cfg.learner.num_cpus,
+            zero_stage=cfg.learner.zero_stage, max_sequence_length=m.max_sequence_length,
+            require_resource=cfg.learner.require_resource,
+        )
+        self.weights: dict[int, ray.ObjectRef] = {}  # version -> ObjectRef[FlatWeights]
+        self.failure: RewardFailure | None = None  # seen during an update, raised by gather
+
+    def publish(self, version: int) -> float:
+        """Store weights ``version`` once and push the ref to every rollout actor.
+
+        Returns the seconds until the buffer is in the object store. The pushes are not
+        waited for: actor calls run in order, so every sample call submitted after them
+        uses the new version, and a failed load surfaces in that call.
+        """
+        t0 = time.perf_counter()
+        ref = self.learner.publish(version)
+        ray.wait([ref], fetch_local=False)  # stored by rank 0; the driver never copies it
+        seconds = time.perf_counter() - t0
+        for actor in self.rollout_actors:
+            actor.set_weights.remote(ref)
+        self.weights[version] = ref
+        # Keep the versions that in-flight rollouts may still need for scoring.
+        for old in [v for v in self.weights if v < version - self.cfg.learner.max_staleness]:
+            del self.weights[old]
+        return seconds
+
+    def launch(self, step: int, version: int, picked: list[tuple[int, dict]]) -> StepWork:
+        """Sample the step's groups on the rollout actors and queue them for scoring."""
+        groups = [(index, row["prompt"]) for index, row in picked]
+        chunks = [list(c) for c in np.array_split(np.arange(len(groups)), len(self.rollout_actors))
+                  if len(c)]
+        work = StepWork(step, version, [], [])
+        for actor, chunk in zip(self.rollout_actors, chunks, strict=False):
+            call_groups = [groups[i] for i in chunk]
+            ref = actor.sample.remote(call_groups, step, self.cfg.grpo.group_size)
+            for pool in self.pools.values():  # scored as soon as this rollout exists
+                pool.submit(ref, self.weights[version], key=(step, len(work.refs)))
+            work.refs.append(ref)
+            work.groups.append(call_groups)
+        return work
+
+    def launch_eval(self, version: int, jobs: list[tuple[int, str, int]], seed: int,
+                    score: bool) -> tuple[StepWork, list[ray.ObjectRef]]:
+        """Evaluate weights ``version`` on ``jobs`` across the rollout actors.
+
+        Returns the work (its scores arrive through :meth:`gather` under the key
+        ``("eval", version)``, scored by every pool when ``score``) and one
+        ``ObjectRef[uint8 images]`` per call, in job order.
+        """
+        key = ("eval", version)
+        chunks = [c for c in np.array_split(np.arange(len(jobs)), len(self.rollout_actors)) if len(c)]
+        work, images = StepWork(key, version, [], [], scored=score), []
+        for actor, chunk in zip(self.rollout_actors, chunks, strict=False):
+            ref, image_ref = actor.evaluate.options(num_returns=2).remote(
+                [jobs[i] for i in chunk], seed)
+            for pool in self.pools.values() if score else ():
+                pool.submit(ref, self.weights[version], key=(key, len(work.refs)))
+            work.refs.append(ref)
+            images.append(image_ref)
+        return work, images
+
+    def gather(self, inflight: dict, step: int | tuple[str, int]) -> None:
+        """Collect scores (of any step) until every call of ``step`` has every reward.
+
+        Raises :class:`RewardFailure` naming the reward whose pool gave up on a call.
+        """
+        if self.failure is not None:  # seen while an update was running
+            failure, self.failure = self.failure, None
+            raise failure
+        work = inflight[step]
+        want = len(work.refs)
+        names = self.pools if work.scored else ()
+        while any(len(work.scores[name]) < want for name in names):
+            self.collect(inflight, timeout=0.05)
+
+    def collect(self, inflight: dict[int, StepWork], timeout: float) -> None:
+        """One round over the pools: dispatch queued calls, file the scores that are in."""
+        for name, pool in self.pools.items():
+            try:
+                done = pool.collect(timeout=timeout)
+            except RewardError as e:
+                raise RewardFailure(name, e) from e
+            for (s, call), scores in done:
+                inflight[s].scores[name][call] = scores
+
+    def wait_update(self, refs: list[ray.ObjectRef], inflight: dict[int, StepWork]) -> None:
+        """Wait for the learner's update while the reward pools keep working.
+
+        A pool hands a finished rollout to a reward actor only while it is pumped, so
+        without this the next step's rollouts would wait for the update to end before
+        being scored. A reward failure seen here is raised by the next :meth:`gather`,
+        once the update is complete.
+        """
+        while len(ray.wait(refs, num_returns=len(refs), timeout=0.02, fetch_local=False)[0]) < len(refs):
+            if self.failure is None:
+                try:
+                    self.collect(inflight, timeout=0.02)
+                except RewardFailure as failure:
+                    self.failure = failure
+
+    def drop(self, name: str) -> None:
+        """Stop scoring with reward ``name``: its pool and its actors go."""
+        self.pools.pop(name).shutdown()
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.shutdown()
+        self.learner.shutdown()
+
+
+def rewards_of(work: StepWork, names: list[str]) -> dict[str, np.ndarray]:
+    """Each reward over the step's samples, in rollout-call order."""
+    return {n: np.concatenate([work.scores[n][c].reward for c in range(len(work.refs))])
+            for n in names}
+
+
+def check_versions(work: StepWork) -> None:
+    """Every score must be of the samples of the version that made them (self-confidence
+    scores with that version's weights; external scores carry the rollout's version)."""
+    for name, calls in work.scores.items():
+        for call, scores in calls.items():
+            if scores.weight_version != work.version:
+                raise RuntimeError(f"step {work.step} call {call}: {name} scored weight version "
+                                   f"{scores.weight_version}, sampled with {work.version}")
