@@ -299,6 +299,10 @@ class TrainConfig(_Section):
     prompts: str = Field(
         "shapes/data/train.jsonl", description="jsonl of GenEval-style prompt metadata"
     )
+    prompt_mix: Literal["file", "balanced"] = Field(
+        "file", description="'file': prompts drawn as often as the file holds them; "
+        "'balanced': one prompt of each tag in turn (rows' 'tag' field)"
+    )
     out_dir: str = Field("runs", description="parent directory of run directories")
     save_every: int = Field(10, ge=1, description="checkpoint every N steps (and at the end)")
 

@@ -141,7 +141,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
     eval_set = (evaluation.eval_rows(load_prompts(cfg.eval.prompts), cfg.eval.prompts_per_tag)
                 if cfg.eval.every else [])
     service = Service(cfg, rows, eval_set)
-    cursor, start = PromptCursor(rows, cfg.seed), 0
+    cursor, start = PromptCursor(rows, cfg.seed, mix=cfg.train.prompt_mix), 0
     ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt is not None:
         saved = torch.load(ckpt / "trainer.pt", weights_only=False)

@@ -119,7 +119,7 @@ def train(cfg: Config, run_dir: Path | None = None) -> Path:
     named = dict(pipe.transformer.named_parameters())
     params = [named[n] for n in params_names]
     optimizer = torch.optim.AdamW(params, lr=cfg.grpo.lr, weight_decay=cfg.grpo.weight_decay)
-    cursor = PromptCursor(load_prompts(cfg.train.prompts), cfg.seed)
+    cursor = PromptCursor(load_prompts(cfg.train.prompts), cfg.seed, mix=cfg.train.prompt_mix)
     negative = encode_prompts(pipe, [""], cfg.model.max_sequence_length)
 
     with open(run_dir / "metrics.jsonl", "w") as log:

@@ -210,3 +210,35 @@ def test_shapes_too_far_from_every_class_are_not_objects():
     found = [[d.shape for d in dets] for dets in detect(images)]
     assert found[0] != ["star"]  # a rounded pentagon has no points
     assert found[1] == [None] and found[2] == [None]  # too stretched for any class
+
+
+def _degenerate_images(rng):
+    """Collapsed images of the kinds seen when a policy hacks ShapesEval."""
+    size = 64
+    fill = np.full((size, size, 3), world.PALETTE["red"], np.uint8)  # a full-frame fill
+    grid = np.full((size, size, 3), 255, np.uint8)  # a full-frame blue grid
+    grid[::8, :] = grid[:, ::8] = world.PALETTE["blue"]
+    grid[1::8, :] = grid[:, 1::8] = world.PALETTE["blue"]
+    dots = np.full((size, size, 3), 255, np.uint8)  # a dotted texture of object-sized dots
+    for y in range(2, size - 7, 12):
+        for x in range(2, size - 7, 12):
+            dots[y:y + 7, x:x + 7] = world.PALETTE[world.COLORS[(x + y) % len(world.COLORS)]]
+    return {"fill": fill, "grid": grid, "dots": dots}
+
+
+def test_degenerate_images_get_no_credit_whatever_blobs_they_match():
+    rng = np.random.default_rng(0)
+    meta = {"tag": "two_object", "prompt": "a photo of a triangle and a square",
+            "include": [{"class": "triangle", "count": 1}, {"class": "square", "count": 1}]}
+    images = _degenerate_images(rng)
+    scores = ShapesEval()(np.stack(list(images.values())), [meta] * len(images))
+    assert not scores.strict.any() and np.all(scores.partial == 0)
+    for name, details in zip(images, scores.details, strict=True):
+        assert details.failures[0].startswith("degenerate"), (name, details.failures)
+    # a correct render keeps full credit; the same render with three stray dots does not
+    good = world.render(meta, rng)
+    stray = good.copy()
+    for x in (1, 28, 56):
+        stray[57:64, x:x + 7] = world.PALETTE["green"]
+    scores = ShapesEval()(np.stack([good, stray]), [meta, meta])
+    assert scores.strict.tolist() == [True, False] and scores.partial[1] == 0
