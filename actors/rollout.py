@@ -119,12 +119,14 @@ class RolloutWorker:
         return decode_images(self.policy.pipe, final)
 
     @torch.no_grad()
-    def evaluate(self, jobs: list[tuple[int, str, int]], seed: int, batch: int = 32
-                 ) -> tuple[Rollout, np.ndarray]:
+    def evaluate(self, jobs: list[tuple[int, str, int]], seed: int, offset: int = 0,
+                 batch: int = 32) -> tuple[Rollout, np.ndarray]:
         """Evaluation samples of the loaded version: ``(final-latent rollout, images)``.
 
-        ``jobs`` are ``(prompt_id, prompt, sample_index)``; each image starts from the noise
-        of ``eval_seed(seed, prompt_id, sample_index)`` and is denoised by the deterministic
+        ``jobs`` are ``(prompt_id, prompt, sample_index)``, the prompt ids ``offset`` past
+        the training prompts; each image starts from the noise of ``eval_seed(seed,
+        prompt_id - offset, sample_index)`` (the noise ``shapes.eval_model`` gives image
+        ``sample_index`` of the split's prompt) and is denoised by the deterministic
         sampler of ``eval_sampler``, so every version (and every run) is evaluated on the
         same noise. The rollout holds only the final latents (``latents [B, 1, C, H, W]``,
         no log-probs) and carries the *training* spec and sigmas, so that the reward pools
@@ -138,7 +140,7 @@ class RolloutWorker:
         for start in range(0, len(jobs), batch):
             chunk = jobs[start:start + batch]
             prompts = [prompt for _, prompt, _ in chunk]
-            seeds = torch.tensor([eval_seed(seed, pid, i) for pid, _, i in chunk])
+            seeds = torch.tensor([eval_seed(seed, pid - offset, i) for pid, _, i in chunk])
             out = sample_rollout(pipe, prompts, seeds, self.eval_spec, negative=self.negative,
                                  max_sequence_length=self.max_sequence_length)
             finals.append(out.final)
@@ -147,7 +149,7 @@ class RolloutWorker:
         rollout = Rollout(
             latents=final[:, None], log_probs=torch.zeros(len(jobs), 0),
             sigmas=sd3_sigmas(self.spec.num_steps, self.spec.shift),
-            seeds=torch.tensor([eval_seed(seed, pid, i) for pid, _, i in jobs]),
+            seeds=torch.tensor([eval_seed(seed, pid - offset, i) for pid, _, i in jobs]),
             prompt_ids=torch.tensor([pid for pid, _, _ in jobs]),
             prompts=[prompt for _, prompt, _ in jobs], spec=self.spec, weight_version=version,
         )

@@ -125,6 +125,16 @@ class GrpoConfig(_Section):
         "advantages", description="several rewards: weighted sum of advantages or of rewards"
     )
     clip_range: float = Field(1e-4, gt=0.0, description="PPO ratio clip epsilon")
+    objective: Literal["clipped", "decoupled"] = Field(
+        "decoupled", description="'clipped': Flow-GRPO's, the ratio against the policy that "
+        "sampled (a stale sample outside the clip gets no gradient); 'decoupled': the clip "
+        "against the weights being updated, the sampling policy as an importance weight "
+        "(identical on-policy; every stale sample keeps its gradient)"
+    )
+    max_weight: float = Field(
+        2.0, gt=0.0, description="objective decoupled: cap on the importance weight "
+        "pi_current / pi_sampling of a stale sample"
+    )
     beta: float = Field(0.04, ge=0.0, description="KL coefficient")
     kl_form: Literal["exact", "flow_grpo"] = Field(
         "flow_grpo", description="Flow-GRPO's KL (without |dt|), so that beta means what the "
@@ -139,6 +149,15 @@ class GrpoConfig(_Section):
     max_grad_norm: float = Field(1.0, gt=0.0, description="gradient norm clip")
     micro_batch: int = Field(8, ge=1, description="samples per forward/backward")
     inner_epochs: int = Field(1, ge=1, description="passes over each step's samples")
+
+
+    @model_validator(mode="after")
+    def _proximal_is_current(self) -> GrpoConfig:
+        if self.objective == "decoupled" and self.inner_epochs != 1:
+            raise ValueError("grpo.objective 'decoupled' takes the weights being updated as its "
+                             "proximal policy, which holds for inner_epochs 1 only; set "
+                             "grpo.inner_epochs=1 or grpo.objective=clipped")
+        return self
 
 
 class RolloutConfig(_Section):

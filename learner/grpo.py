@@ -21,6 +21,7 @@ import torch
 
 StdMode = Literal["global", "group"]
 CombineRule = Literal["advantages", "rewards"]
+Objective = Literal["clipped", "decoupled"]
 
 
 @dataclass
@@ -135,33 +136,56 @@ def policy_loss(
     clip_range: float,
     kl: torch.Tensor | None = None,
     beta: float = 0.0,
+    objective: Objective = "clipped",
+    max_weight: float = 2.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The clipped surrogate of one trained step, plus ``beta * KL``.
+    """The surrogate of one trained step, plus ``beta * KL``. All inputs ``[N]``.
 
-    ``ratio = exp(logp - logp_old)``,
-    ``L = mean(max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps))) + beta * mean(KL)``.
-    All inputs ``[N]``. Returns the scalar loss and detached per-batch metrics.
+    ``"clipped"`` (Flow-GRPO): ``ratio = exp(logp - logp_old)`` against the behaviour
+    policy that sampled, ``L = mean(max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)))``.
+    A stale sample whose ratio already left the clip gets no gradient.
+
+    ``"decoupled"`` (a proximal policy, as in AReaL): the clip is taken against the
+    weights being updated, whose log-probs are this pass's (``logp.detach()``: one
+    optimizer step per round, so they are the proximal policy), and the behaviour
+    policy enters as a detached importance weight ``w = min(pi_prox / pi_old,
+    max_weight)``: ``L = mean(max(-A w r, -A w clip(r, 1 - eps, 1 + eps)))`` with
+    ``r = exp(logp - logp.detach()) = 1``. On-policy (``logp == logp_old``) it is
+    ``"clipped"`` exactly; stale, every term keeps its gradient ``-A w grad logp``.
+
+    Returns the scalar loss and detached per-batch metrics; the ratio metrics are always
+    against the behaviour policy, and ``loss/no_grad_fraction`` counts the terms whose
+    policy gradient is zero.
     """
     # fp32: log-probs are per-element means and differ by ~1e-4 between policies.
-    ratio = torch.exp(log_prob.float() - old_log_prob.float())  # [N]
+    behaviour = torch.exp(log_prob.float() - old_log_prob.float())  # [N] pi_theta / pi_old
     adv = advantages.float()  # [N]
-    unclipped = -adv * ratio  # [N]
-    clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)  # [N]
+    if objective == "clipped":
+        ratio, weight = behaviour, torch.ones_like(behaviour)  # [N], [N]
+    elif objective == "decoupled":
+        ratio = torch.exp(log_prob.float() - log_prob.detach().float())  # [N], == 1
+        weight = behaviour.detach().clamp(max=max_weight)  # [N] pi_prox / pi_old
+    else:
+        raise ValueError(f"objective must be 'clipped' or 'decoupled', got {objective!r}")
+    unclipped = -adv * weight * ratio  # [N]
+    clipped = -adv * weight * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)  # [N]
     policy = torch.maximum(unclipped, clipped).mean()
     loss = policy
-    kl_mean = torch.zeros((), device=ratio.device)
+    kl_mean = torch.zeros((), device=behaviour.device)
     if kl is not None:
         kl_mean = kl.float().mean()
         loss = loss + beta * kl_mean
     with torch.no_grad():
+        outside = (ratio > 1.0 + clip_range) & (adv > 0) | (ratio < 1.0 - clip_range) & (adv < 0)
         metrics = {
             "loss/policy": policy.detach(),
             "loss/kl": kl_mean.detach(),
             "loss/total": loss.detach(),
-            "loss/ratio_mean": ratio.mean(),
-            "loss/ratio_min": ratio.min(),
-            "loss/ratio_max": ratio.max(),
-            "loss/clip_fraction": ((ratio - 1.0).abs() > clip_range).float().mean(),
+            "loss/ratio_mean": behaviour.mean(),
+            "loss/ratio_min": behaviour.min(),
+            "loss/ratio_max": behaviour.max(),
+            "loss/clip_fraction": ((behaviour - 1.0).abs() > clip_range).float().mean(),
+            "loss/no_grad_fraction": (outside | (adv == 0)).float().mean(),
             "loss/approx_kl": 0.5 * ((log_prob - old_log_prob).float() ** 2).mean(),
         }
     return loss, metrics

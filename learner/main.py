@@ -177,7 +177,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
         """Evaluate the current version on the held-out prompts; log and plot it."""
         t = time.perf_counter()
         jobs = evaluation.eval_jobs(eval_set, cfg.eval.per_prompt, offset=len(rows))
-        work, image_refs = service.launch_eval(version, jobs, cfg.eval.seed, cfg.eval.rewards)
+        work, image_refs = service.launch_eval(version, jobs, cfg.eval.seed, len(rows),
+                                               cfg.eval.rewards)
         inflight[work.step] = work
         wait_for(work.step)
         inflight.pop(work.step)

@@ -139,8 +139,9 @@ class Service:
         return work
 
     def launch_eval(self, version: int, jobs: list[tuple[int, str, int]], seed: int,
-                    score: bool) -> tuple[StepWork, list[ray.ObjectRef]]:
-        """Evaluate weights ``version`` on ``jobs`` across the rollout actors.
+                    offset: int, score: bool) -> tuple[StepWork, list[ray.ObjectRef]]:
+        """Evaluate weights ``version`` on ``jobs`` (prompt ids ``offset`` past the training
+        prompts) across the rollout actors.
 
         Returns the work (its scores arrive through :meth:`gather` under the key
         ``("eval", version)``, scored by every pool when ``score``) and one
@@ -151,7 +152,7 @@ class Service:
         work, images = StepWork(key, version, [], [], scored=score), []
         for actor, chunk in zip(self.rollout_actors, chunks, strict=False):
             ref, image_ref = actor.evaluate.options(num_returns=2).remote(
-                [jobs[i] for i in chunk], seed)
+                [jobs[i] for i in chunk], seed, offset)
             for pool in self.pools.values() if score else ():
                 pool.submit(ref, self.weights[version], key=(key, len(work.refs)))
             work.refs.append(ref)

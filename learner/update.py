@@ -36,7 +36,7 @@ from policy.sampler import Conditioning, Rollout
 
 # Metrics that are sample-weighted means over (sample, trained step) pairs.
 MEAN_METRICS = ("loss/policy", "loss/kl", "loss/total", "loss/ratio_mean",
-                "loss/clip_fraction", "loss/approx_kl")
+                "loss/clip_fraction", "loss/no_grad_fraction", "loss/approx_kl")
 SAMPLES = "loss/samples"
 
 
@@ -102,8 +102,10 @@ def accumulate_grpo_gradients(
                                   form=cfg.kl_form)  # [b]
             # ratio = exp(logp_theta - logp_old);
             # L = mean(max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps))) + beta KL
+            # (objective "decoupled": the clip against this pass's weights, the behaviour
+            # policy as a detached weight; learner.grpo.policy_loss)
             loss, m = policy_loss(new.log_prob, rollout.log_probs[rows, j], advantages[rows],
-                                  cfg.clip_range, kl, cfg.beta)
+                                  cfg.clip_range, kl, cfg.beta, cfg.objective, cfg.max_weight)
             # Weight by the chunk's share of the GLOBAL batch: shards' gradients sum to the mean.
             weight = len(chunk) / (global_count * len(steps))
             backward(loss * weight)

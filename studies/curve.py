@@ -46,12 +46,11 @@ CONTROL = "frozen"
 
 
 def run_configs(config: Path, overrides: list[str], steps: int | None,
-                runs: list[str]) -> dict[str, Config]:
+                runs: dict[str, list[str]]) -> dict[str, Config]:
     """Every run's configuration, loaded (and so checked) before anything trains."""
     extra = [*overrides, *([f"train.steps={steps}"] if steps else [])]
-    return {name: load_config(config, [*extra, *RUNS[name],
-                                       f"reward_pool.control_name=curve-{name}"])
-            for name in runs}
+    return {name: load_config(config, [*extra, *own, f"reward_pool.control_name=curve-{name}"])
+            for name, own in runs.items()}
 
 
 def train_gains(run_dir: Path, control_dir: Path) -> dict[str, list[dict]]:
@@ -130,6 +129,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, help="train.steps of every run")
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS),
                         help="which runs (the frozen control always)")
+    parser.add_argument("--variant", nargs="+", action="append", default=[],
+                        metavar=("NAME", "KEY=VALUE"), help="one more run: the recipe with "
+                        "these overrides, paired with the same frozen control (repeatable)")
     parser.add_argument("--runs-dir", type=Path, help="parent of the run directories "
                         "(default: runs/curves/<out name>)")
     parser.add_argument("--out", type=Path, required=True,
@@ -137,8 +139,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ray-cpus", type=int, default=0, help="local Ray CPUs (0: enough)")
     parser.add_argument("--fresh", action="store_true", help="retrain runs already trained")
     args = parser.parse_args(argv)
-    names = [CONTROL, *[n for n in args.runs if n != CONTROL]]
-    cfgs = run_configs(args.config, args.overrides, args.steps, names)
+    runs = {CONTROL: RUNS[CONTROL]} | {n: RUNS[n] for n in args.runs if n != CONTROL}
+    for name, *own in args.variant:
+        if name in runs or "=" in name:
+            raise SystemExit(f"--variant {name}: give a new run name first, then KEY=VALUE")
+        runs[name] = own
+    names = list(runs)
+    cfgs = run_configs(args.config, args.overrides, args.steps, runs)
     runs_dir = args.runs_dir or Path("runs/curves") / args.out.name
 
     import ray

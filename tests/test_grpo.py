@@ -139,3 +139,28 @@ def test_shuffled_rewards_are_a_permutation_within_each_group_moving_rewards_tog
     before = group_advantages(a, group_ids)
     after = group_advantages(out["a"], group_ids)
     assert sorted(after.values.tolist()) == pytest.approx(sorted(before.values.tolist()))
+
+
+def test_decoupled_objective_keeps_the_gradient_of_stale_terms_and_is_clipped_on_policy():
+    old = torch.tensor([-1.0, -1.0, -1.0, -1.0])
+    shift = torch.tensor([2e-3, -2e-3, 5e-5, 0.0])  # two stale terms outside the clip
+    adv = torch.tensor([1.0, -1.0, 1.0, 1.0])
+    grads = {}
+    for objective in ("clipped", "decoupled"):
+        lp = (old + shift).requires_grad_()
+        loss, m = policy_loss(lp, old, adv, clip_range=1e-4, objective=objective)
+        loss.backward()
+        grads[objective] = lp.grad.clone()
+        assert m["loss/clip_fraction"].item() == 0.5  # always measured against the sampler
+    # clipped: the two terms past the clip (in the direction of their advantage) get nothing
+    assert grads["clipped"][:2].tolist() == [0.0, 0.0]
+    assert grads["clipped"][2:] == pytest.approx(-adv[2:] * torch.exp(shift[2:]) / 4)
+    # decoupled: every term keeps -A w / N, w = pi_theta / pi_old (detached, capped at 2)
+    assert grads["decoupled"] == pytest.approx(-adv * torch.exp(shift) / 4)
+    _, m = policy_loss(old + shift, old, adv, clip_range=1e-4, objective="clipped")
+    assert m["loss/no_grad_fraction"].item() == 0.5
+    # on-policy the two are the same loss with the same gradient
+    lp = old.clone().requires_grad_()
+    same = [policy_loss(lp, old, adv, 1e-4, objective=o)[0] for o in ("clipped", "decoupled")]
+    g = [torch.autograd.grad(x, lp)[0] for x in same]
+    assert same[0].item() == same[1].item() and torch.equal(g[0], g[1])
