@@ -16,6 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from policy.pipeline import LoraSpec
 from policy.sampler import SamplerSpec
 
+SC = "self_confidence"  # the name of SOLACE's reward in metrics and samples.jsonl
+HTTP_SCORER = "rewards.http:HttpScorer"  # the scorer of kind-http external rewards
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)

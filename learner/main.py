@@ -40,12 +40,12 @@ import yaml
 from tqdm import tqdm
 
 from learner import evaluation
-from learner.config import Config, ConfigError, load_config
+from learner.config import SC, Config, ConfigError, load_config
 from learner.grpo import advantage_metrics, combine_advantages, shuffle_within_groups
 from learner.metrics import PrometheusMetrics
 from learner.prompts import PromptCursor, load_prompts
 from learner.rundir import latest_checkpoint, save_checkpoint, write_samples
-from learner.service import SC, RewardFailure, Service, StepWork, check_versions, rewards_of
+from learner.service import RewardFailure, Service, StepWork, check_versions, rewards_of
 from policy.grid import prompt_lines, save_grid
 from policy.sampler import SHUFFLE_STREAM, derive_seed, suffix_window
 from rewards.http import HttpScorer

@@ -13,6 +13,11 @@ Deviations from the reference (Flow-GRPO's train_sd3.py):
 * One optimizer step per training step and inner epoch: gradients accumulate over all
   (micro-batch x trained step) pairs of the step; ``micro_batch`` only bounds memory.
 * Groups whose rewards are all equal are not trained on (counted in the metrics).
+
+Rewards: self-confidence (unless disabled) and every ``external_rewards`` entry, each
+scorer built in this process (kind ``http`` through the same client as the service),
+combined by ``grpo.combine`` as in ``learner.main``; ``samples.jsonl`` records every
+sample's rewards, so the two loops can be compared sample by sample.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from learner.config import Config, load_config
+from learner.config import HTTP_SCORER, SC, Config, load_config
 from learner.grpo import advantage_metrics, combine_advantages, shuffle_within_groups
 from learner.prompts import PromptCursor, load_prompts
 from learner.update import accumulate_grpo_gradients
@@ -37,12 +42,14 @@ from policy.sampler import (
     SHUFFLE_STREAM,
     Conditioning,
     Rollout,
+    decode_images,
     derive_seed,
     encode_prompts,
     sample_rollout,
     sample_seed,
 )
 from rewards.self_confidence import score_rollout
+from rewards.wire import import_scorer, reward_array
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "tiny_solace.yaml")
 
@@ -73,15 +80,35 @@ def sample_step(pipe, cfg: Config, cursor: PromptCursor, step: int, negative: Co
     return Batch(rollout, cond, group_ids)
 
 
-def score_step(pipe, cfg: Config, batch: Batch, negative: Conditioning) -> torch.Tensor:
-    """SOLACE self-confidence of every sample: by default with the current policy, no CFG."""
+def build_scorers(cfg: Config) -> dict:
+    """The external rewards' scorers, ``{name: scorer}``, built here (no actors)."""
+    out = {}
+    for ext in cfg.external_rewards:
+        target, kwargs = ((HTTP_SCORER, ext.http_kwargs()) if ext.kind == "http"
+                          else (ext.target, ext.kwargs))
+        out[ext.name] = import_scorer(target, kwargs)
+    return out
+
+
+def score_step(pipe, cfg: Config, batch: Batch, negative: Conditioning, scorers: dict,
+               rows: list[dict]) -> dict[str, torch.Tensor]:
+    """Every reward of every sample: self-confidence (by default with the current policy, no
+    CFG) and each external scorer on the decoded images with the prompts' metadata."""
+    out = {}
     sc = cfg.self_confidence
-    base = adapter_disabled(pipe.transformer) if sc.policy == "base" else nullcontext()
-    with base:
-        reward, _ = score_rollout(pipe.transformer, batch.rollout, batch.cond, cfg.seed,
-                                  sc.num_probes, sc.probe_fraction, sc.delta, sc.aggregation,
-                                  sc.guidance_scale, negative)
-    return reward
+    if sc.enabled:
+        base = adapter_disabled(pipe.transformer) if sc.policy == "base" else nullcontext()
+        with base:
+            out[SC], _ = score_rollout(pipe.transformer, batch.rollout, batch.cond, cfg.seed,
+                                       sc.num_probes, sc.probe_fraction, sc.delta,
+                                       sc.aggregation, sc.guidance_scale, negative)
+    if scorers:
+        images = decode_images(pipe, batch.rollout.final)
+        metadata = [rows[i] for i in batch.rollout.prompt_ids.tolist()]
+        for name, scorer in scorers.items():
+            values = scorer(images, list(batch.rollout.prompts), metadata)
+            out[name] = torch.from_numpy(reward_array(values, len(images), name))
+    return out
 
 
 def update_step(pipe, cfg: Config, batch: Batch, advantages, negative, optimizer, params) -> dict:
@@ -106,9 +133,6 @@ def update_step(pipe, cfg: Config, batch: Batch, advantages, negative, optimizer
 
 def train(cfg: Config, run_dir: Path | None = None) -> Path:
     """Run ``cfg.train.steps`` Flow-GRPO steps; returns the run directory."""
-    if not cfg.self_confidence.enabled or cfg.external_rewards:
-        raise ValueError("the sequential loop trains on self-confidence alone: set "
-                         "self_confidence.enabled true and no external_rewards, or use learner.main")
     torch.manual_seed(cfg.seed)
     run_dir = run_dir or Path(cfg.train.out_dir) / time.strftime("sequential-%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -119,43 +143,60 @@ def train(cfg: Config, run_dir: Path | None = None) -> Path:
     named = dict(pipe.transformer.named_parameters())
     params = [named[n] for n in params_names]
     optimizer = torch.optim.AdamW(params, lr=cfg.grpo.lr, weight_decay=cfg.grpo.weight_decay)
-    cursor = PromptCursor(load_prompts(cfg.train.prompts), cfg.seed, mix=cfg.train.prompt_mix)
+    rows = load_prompts(cfg.train.prompts)
+    cursor = PromptCursor(rows, cfg.seed, mix=cfg.train.prompt_mix)
     negative = encode_prompts(pipe, [""], cfg.model.max_sequence_length)
+    scorers = build_scorers(cfg)
+    weights = ({SC: cfg.self_confidence.weight} if cfg.self_confidence.enabled else {}) | {
+        e.name: e.weight for e in cfg.external_rewards}
 
-    with open(run_dir / "metrics.jsonl", "w") as log:
+    with open(run_dir / "metrics.jsonl", "w") as log, open(run_dir / "samples.jsonl", "w") as samples:
         for step in range(cfg.train.steps):
             t0 = time.perf_counter()
             batch = sample_step(pipe, cfg, cursor, step, negative)  # prompts -> rollouts
             t1 = time.perf_counter()
-            reward = score_step(pipe, cfg, batch, negative)  # rollouts -> self-confidence
+            rewards = score_step(pipe, cfg, batch, negative, scorers, rows)  # rollouts -> rewards
             t2 = time.perf_counter()
-            rewards = {"self_confidence": reward}
+            trained_on = rewards
             if cfg.grpo.shuffle_rewards:  # the random-reward control, as in learner.main
-                rewards = shuffle_within_groups(rewards, batch.group_ids,
-                                                derive_seed(cfg.seed, SHUFFLE_STREAM, step))
+                trained_on = shuffle_within_groups(rewards, batch.group_ids,
+                                                   derive_seed(cfg.seed, SHUFFLE_STREAM, step))
             adv = combine_advantages(  # rewards -> advantages
-                rewards, {"self_confidence": cfg.self_confidence.weight},
-                batch.group_ids, cfg.grpo.combine, cfg.grpo.std_mode, cfg.grpo.adv_clip,
-                cfg.grpo.adv_eps,
+                trained_on, weights, batch.group_ids, cfg.grpo.combine, cfg.grpo.std_mode,
+                cfg.grpo.adv_clip, cfg.grpo.adv_eps,
             )
             metrics = update_step(pipe, cfg, batch, adv, negative, optimizer, params) if adv.keep.any() else {}
             t3 = time.perf_counter()
             metrics.update(advantage_metrics(adv))
+            for name, r in rewards.items():
+                metrics[f"reward/{name}/mean"] = float(r.mean())
+                metrics[f"reward/{name}/std"] = float(r.std(unbiased=False))
+            write_samples(samples, step, batch.rollout, rewards, adv)
             metrics.update({
                 "step": step,
-                "reward/self_confidence/mean": float(reward.mean()),
-                "reward/self_confidence/std": float(reward.std(unbiased=False)),
                 "timing/rollout_s": t1 - t0, "timing/score_s": t2 - t1, "timing/update_s": t3 - t2,
                 "rollout/samples_per_s": len(batch.group_ids) / (t3 - t0),
             })
             log.write(json.dumps(metrics) + "\n")
             log.flush()
-            print(f"step {step:4d}  reward {metrics['reward/self_confidence/mean']:+.4f}  "
+            main = next(iter(rewards))
+            print(f"step {step:4d}  {main} {metrics[f'reward/{main}/mean']:+.4f}  "
                   f"loss {metrics.get('loss/total', float('nan')):+.5f}  "
                   f"kl {metrics.get('loss/kl', 0.0):.2e}  {metrics['rollout/samples_per_s']:.1f} samples/s",
                   flush=True)
     save_lora(pipe, run_dir / "lora")
     return run_dir
+
+
+def write_samples(log, step: int, rollout: Rollout, rewards: dict[str, torch.Tensor], adv) -> None:
+    """One samples.jsonl line per sample, with the keys ``learner.main`` writes."""
+    for i, (pid, seed) in enumerate(zip(rollout.prompt_ids.tolist(), rollout.seeds.tolist(),
+                                        strict=True)):
+        row = {"step": step, "prompt_id": pid, "seed": seed, "sample_version": step,
+               "advantage": float(adv.values[i]), "kept": bool(adv.keep[i])}
+        row.update({f"reward/{k}": float(v[i]) for k, v in rewards.items()})
+        log.write(json.dumps(row) + "\n")
+    log.flush()
 
 
 def main(argv: list[str] | None = None) -> None:

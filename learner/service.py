@@ -19,11 +19,8 @@ import ray
 from actors.pool import RewardError, RewardPool
 from actors.reward import ExternalRewardWorker, Scores, SelfConfidenceWorker
 from actors.rollout import RolloutWorker
-from learner.config import Config
+from learner.config import HTTP_SCORER, SC, Config
 from learner.engine import LearnerGroup
-
-SC = "self_confidence"
-HTTP_SCORER = "rewards.http:HttpScorer"  # the scorer of kind-http external rewards
 
 
 class RewardFailure(RuntimeError):

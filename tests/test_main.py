@@ -129,11 +129,20 @@ def test_on_policy_ratio_is_one_every_step_and_resume_continues(local_ray, tmp_p
     assert all(m["rollout/staleness"] == 0 for m in first)
     assert all(m["loss/first_ratio_max_dev"] < 1e-5 for m in first)
 
-    # The single-process loop, same config and seed, sees the same first-step rewards.
-    seq_cfg = load_config(run_dir / "config.yaml", ["train.steps=1", "external_rewards=[]"])
-    seq = _lines(sequential.train(seq_cfg, tmp_path / "seq") / "metrics.jsonl")[0]
-    for key in ("reward/self_confidence/mean", "reward/self_confidence/std"):
+    # The single-process loop, same config and seed (the external reward too), sees the
+    # same first-step rewards, sample by sample.
+    seq_cfg = load_config(run_dir / "config.yaml", ["train.steps=1"])
+    seq_dir = sequential.train(seq_cfg, tmp_path / "seq")
+    seq = _lines(seq_dir / "metrics.jsonl")[0]
+    for key in ("reward/self_confidence/mean", "reward/self_confidence/std",
+                "reward/shapes/mean", "reward/shapes/std"):
         assert seq[key] == pytest.approx(first[0][key], abs=1e-6)
+    service_rows = {(r["prompt_id"], r["seed"]): r for r in _lines(run_dir / "samples.jsonl")}
+    for row in _lines(seq_dir / "samples.jsonl"):
+        other = service_rows[(row["prompt_id"], row["seed"])]
+        assert row["reward/shapes"] == pytest.approx(other["reward/shapes"], abs=1e-6)
+        assert row["reward/self_confidence"] == pytest.approx(other["reward/self_confidence"],
+                                                             abs=1e-6)
 
     # --resume: the learner, optimizer and prompt cursor continue from step 2.
     train(load_config(run_dir / "config.yaml", ["train.steps=3"]), run_dir, resume=True)

@@ -58,3 +58,16 @@ def test_same_seed_same_numbers(tmp_path, prompts):
     strip = lambda ms: [{k: v for k, v in m.items() if not k.startswith(("timing/", "rollout/samples"))}  # noqa: E731
                         for m in ms]
     assert strip(first) == strip(second)
+
+
+def test_external_rewards_and_the_shuffled_control_train_in_the_sequential_loop(tmp_path, prompts):
+    rewards = '[{name: bright, target: "rewards.colorful:Colorfulness"}]'
+    cfg = load_config("configs/tiny_solace.yaml", OVERRIDES + [
+        f"train.prompts={prompts}", "train.steps=1", "self_confidence.enabled=false",
+        f"external_rewards={rewards}", "grpo.shuffle_rewards=true"])
+    run_dir = train(cfg, tmp_path / "ext")
+    metrics = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert "reward/self_confidence/mean" not in metrics and metrics["reward/bright/mean"] >= 0
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 2 * 4 and all(s["reward/bright"] >= 0 for s in samples)
+    assert math.isfinite(metrics["loss/total"])

@@ -1,0 +1,54 @@
+"""studies.curve: paired gains over the frozen control, from what runs wrote."""
+
+import json
+
+import pytest
+
+from learner import evaluation
+from studies import curve
+
+
+def _write(run_dir, samples, evals):
+    run_dir.mkdir(parents=True)
+    (run_dir / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in samples))
+    with open(run_dir / "eval_samples.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in evals)
+
+
+def _samples(values):  # two steps of two samples
+    return [{"step": s, "prompt_id": 0, "seed": 10 * s + i, "reward/r": v}
+            for (s, i), v in zip([(0, 0), (0, 1), (1, 0), (1, 1)], values, strict=True)]
+
+
+def _evals(values):
+    return [{"version": v, "step": v, "prompt_id": p, "sample": 0, "tag": "t",
+             "reward/r": x, "shapes/strict": x > 0.5}
+            for (v, p), x in zip([(0, 0), (0, 1), (2, 0), (2, 1)], values, strict=True)]
+
+
+def test_gains_pair_each_sample_with_the_frozen_control(tmp_path):
+    _write(tmp_path / "frozen", _samples([0.1, 0.2, 0.1, 0.2]), _evals([0.0, 0.0, 0.0, 0.0]))
+    _write(tmp_path / "recipe", _samples([0.1, 0.2, 0.4, 0.6]), _evals([0.0, 0.0, 1.0, 0.0]))
+    train = curve.train_gains(tmp_path / "recipe", tmp_path / "frozen")["r"]
+    assert [p["step"] for p in train] == [0, 1]
+    assert train[0]["mean"] == 0.0 and train[1]["mean"] == pytest.approx((0.3 + 0.4) / 2)
+    assert train[1]["se"] == pytest.approx(0.05)  # std(0.3, 0.4, ddof 1) / sqrt 2
+    ev = curve.eval_gains(tmp_path / "recipe", tmp_path / "frozen")
+    assert [p["version"] for p in ev["reward/r"]] == [0, 2]
+    assert ev["reward/r"][1]["mean"] == 0.5 and ev["shapes/strict"][1]["mean"] == 0.5
+    results = {"config": "c", "overrides": [], "runs": {"recipe": {
+        "train": curve.train_gains(tmp_path / "recipe", tmp_path / "frozen"), "eval": ev}}}
+    curve.write_outputs(tmp_path / "out" / "c", results, ["--config", "c"])
+    md = (tmp_path / "out" / "c.md").read_text()
+    assert "| 1 | +0.3500 ± 0.0500 |" in md and (tmp_path / "out" / "c.png").is_file()
+    assert json.loads((tmp_path / "out" / "c.json").read_text()) == results
+
+
+def test_runs_are_the_recipe_the_frozen_control_and_the_shuffled_control(tmp_path):
+    runs = {"frozen": curve.RUNS["frozen"], "shuffled": curve.RUNS["shuffled"],
+            "stale": ["learner.max_staleness=1"]}
+    cfgs = curve.run_configs("configs/repro_colorful.yaml", ["grpo.lr=1e-2"], 3, runs)
+    assert cfgs["frozen"].grpo.lr == 1e-20 and cfgs["shuffled"].grpo.shuffle_rewards
+    assert cfgs["stale"].grpo.lr == 1e-2 and cfgs["stale"].learner.max_staleness == 1
+    assert {c.train.steps for c in cfgs.values()} == {3}
+    assert evaluation.SHAPES == "shapes"
