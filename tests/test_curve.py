@@ -52,3 +52,25 @@ def test_runs_are_the_recipe_the_frozen_control_and_the_shuffled_control(tmp_pat
     assert cfgs["stale"].grpo.lr == 1e-2 and cfgs["stale"].learner.max_staleness == 1
     assert {c.train.steps for c in cfgs.values()} == {3}
     assert evaluation.SHAPES == "shapes"
+
+
+def test_gradient_noise_cosine_is_one_for_the_same_noise_and_below_for_independent(monkeypatch):
+    from studies import gradnoise
+
+    over = ["model.path=tiny-random", "sampler.num_steps=4", "self_confidence.num_probes=2",
+            "grpo.micro_batch=8", "grpo.lr=1e-2"]
+    results = gradnoise.main(["--config", "configs/tiny_solace.yaml", *sum(
+        (["--set", o] for o in over), []), "--sizes", "2x4", "--pairs", "1"])
+    assert results[0]["samples"] == 8 and -1 <= results[0]["mean"] < 0.999
+    # the same batch twice: the same gradient (what "independent" is measured against)
+    monkeypatch.setattr(gradnoise, "sample_step",
+                        lambda pipe, cfg, cursor, step, neg: _same(pipe, cfg, cursor, neg))
+    same = gradnoise.main(["--config", "configs/tiny_solace.yaml", *sum(
+        (["--set", o] for o in over), []), "--sizes", "2x4", "--pairs", "1"])
+    assert same[0]["mean"] == pytest.approx(1.0, abs=1e-5)
+
+
+def _same(pipe, cfg, cursor, negative):
+    from learner.sequential import sample_step
+
+    return sample_step(pipe, cfg, cursor, 0, negative)
