@@ -143,6 +143,10 @@ class GrpoConfig(_Section):
         "flow_grpo", description="Flow-GRPO's KL (without |dt|), so that beta means what the "
         "reference's beta means; or the exact Gaussian KL, 1/|dt| (3.7x-12x) larger"
     )
+    detach_uncond: bool = Field(
+        False, description="no gradient through CFG's unconditional branch in the training "
+        "forward (Flow-GRPO's choice; SOLACE's code and the default keep it)"
+    )
     shuffle_rewards: bool = Field(
         False, description="random-reward control: train on rewards permuted within each group "
         "(samples.jsonl keeps the true rewards), to show what drift alone does"

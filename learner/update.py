@@ -94,7 +94,8 @@ def accumulate_grpo_gradients(
         chunk_cond = cond.select(rows)
         for j in steps:
             # log pi_theta(x_{j+1} | x_j) through the sampler's own step (ratio 1 on-policy)
-            new = step_log_prob(transformer, rollout, j, chunk_cond, negative, rows)  # [b]
+            new = step_log_prob(transformer, rollout, j, chunk_cond, negative, rows,
+                                cfg.detach_uncond)  # [b]
             # KL(pi_theta || pi_ref), the reference being the adapter-disabled transformer
             kl = None
             if cfg.beta > 0 and not padding:

@@ -44,8 +44,10 @@ def step_log_prob(
     cond: Conditioning,
     negative: Conditioning | None,
     index: torch.Tensor | slice = slice(None),
+    detach_uncond: bool = False,
 ) -> StepLogProb:
-    """Recompute the log-prob of transition ``step`` for samples ``index`` (with grad)."""
+    """Recompute the log-prob of transition ``step`` for samples ``index`` (with grad;
+    ``detach_uncond``: none through CFG's unconditional branch)."""
     start, stop = rollout.spec.window()
     if not start <= step < stop:
         raise ValueError(f"step {step} is outside the SDE window [{start}, {stop}): no log-prob")
@@ -59,6 +61,7 @@ def step_log_prob(
         negative,
         rollout.spec,
         prev_sample=latents[:, step + 1],
+        detach_uncond=detach_uncond,
     )
     return StepLogProb(log_prob, mean, std)
 

@@ -238,11 +238,14 @@ def predict_velocity(
     cond: Conditioning,
     negative: Conditioning | None = None,
     guidance_scale: float = 1.0,
+    detach_uncond: bool = False,
 ) -> torch.Tensor:
     """The transformer's velocity at ``(latents, sigma)``, with CFG when ``guidance_scale > 1``.
 
     ``v = v_u + w (v_c - v_u)`` from one forward of the batch ``[negative; cond]``.
     ``sigma`` is ``[B]``; SD3's transformer takes ``timestep = 1000 sigma``. Returns fp32.
+    ``detach_uncond`` stops the gradient through ``v_u`` (Flow-GRPO's training forward
+    does; SOLACE's does not); the value is unchanged.
     """
     dtype = next(transformer.parameters()).dtype
     batch = latents.shape[0]
@@ -266,6 +269,8 @@ def predict_velocity(
     if not use_cfg:
         return v
     v_uncond, v_cond = v.chunk(2)
+    if detach_uncond:
+        v_uncond = v_uncond.detach()
     return v_uncond + guidance_scale * (v_cond - v_uncond)
 
 
@@ -292,6 +297,7 @@ def denoise_step(
     *,
     prev_sample: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
+    detach_uncond: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Step ``step`` of a trajectory, shared by sampling and training.
 
@@ -301,7 +307,8 @@ def denoise_step(
     batch = latents.shape[0]
     sigma = sigmas[step].expand(batch)
     sigma_next = sigmas[step + 1].expand(batch)
-    v = predict_velocity(transformer, latents, sigma, cond, negative, spec.guidance_scale)
+    v = predict_velocity(transformer, latents, sigma, cond, negative, spec.guidance_scale,
+                         detach_uncond)
     start, stop = spec.window()
     if start <= step < stop:
         return sde_step_with_logprob(

@@ -142,3 +142,18 @@ def test_rollout_numpy_round_trip_and_select(pipe):
         assert torch.equal(getattr(back, name), getattr(rollout, name))
     part = rollout.select(torch.tensor([1, 4]))
     assert torch.equal(part.latents, rollout.latents[[1, 4]]) and part.prompts == [PROMPTS[1], PROMPTS[4]]
+
+
+def test_detached_uncond_keeps_the_log_prob_and_changes_only_the_gradient(pipe):
+    spec = SamplerSpec(num_steps=6, guidance_scale=4.5)
+    rollout = _rollout(pipe, spec)
+    cond = encode_prompts(pipe, PROMPTS, MAX_SEQ)
+    negative = encode_prompts(pipe, [""], MAX_SEQ)
+    lora = [p for n, p in pipe.transformer.named_parameters() if "lora_B" in n]
+    grads, values = [], []
+    for detach in (False, True):
+        out = step_log_prob(pipe.transformer, rollout, 2, cond, negative, detach_uncond=detach)
+        values.append(out.log_prob.detach())
+        grads.append(torch.autograd.grad(out.log_prob.sum(), lora))
+    assert torch.equal(values[0], values[1])  # same value: the ratio stays 1 on-policy
+    assert any(not torch.allclose(a, b) for a, b in zip(*grads, strict=True))
