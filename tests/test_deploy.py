@@ -35,6 +35,7 @@ METRICS = [
     "solace_queue_depth",
     "solace_reward_actors_alive",
     "solace_step_seconds",
+    "solace_eval",
 ]
 CUSTOM = ("rollout", "reward", "learner")
 

@@ -19,3 +19,13 @@ def test_a_dropped_reward_leaves_no_stale_series():
     m.drop_reward("shapes")  # the run goes on without it (on_failure: drop)
     m.update(STEP | {"reward/self_confidence/mean": -0.05})
     assert reward_series(m) == {"self_confidence": -0.05}
+
+
+def test_the_latest_evaluation_is_served_one_series_per_metric():
+    m = PrometheusMetrics(0, ["self_confidence"])
+    m.update_eval({"eval/shapes/strict": 0.35, "eval/self_confidence/mean": -0.1,
+                   "timing/eval_s": 3.0})
+    m.update_eval({"eval/shapes/strict": 0.40, "eval/self_confidence/mean": -0.08})
+    served = {s.labels["metric"]: s.value for metric in m.registry.collect()
+              if metric.name == "solace_eval" for s in metric.samples}
+    assert served == {"shapes/strict": 0.40, "self_confidence/mean": -0.08}
