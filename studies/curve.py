@@ -80,6 +80,25 @@ def eval_gains(run_dir: Path, control_dir: Path) -> dict[str, list[dict]]:
     return out
 
 
+def se_by_images(run_dir: Path, control_dir: Path, key: str = "shapes/strict") -> list[dict]:
+    """The paired gain's standard error at the last shared version, using the first k
+    images of each prompt, for k = 1, 2, 4, ... up to what was evaluated: how many fixed-
+    noise images an evaluation needs to see an effect of a given size."""
+    run, control = evaluation.read_evals(run_dir), evaluation.read_evals(control_dir)
+    shared = sorted(run.keys() & control.keys())
+    if not shared or key not in evaluation.metric_keys(run[shared[-1]]):
+        return []
+    a, b = run[shared[-1]], control[shared[-1]]
+    per_prompt = 1 + max(r["sample"] for r in a)
+    out, k = [], 1
+    while k <= per_prompt:
+        gain, se, n = evaluation.paired_gain([r for r in a if r["sample"] < k],
+                                             [r for r in b if r["sample"] < k], key)
+        out.append({"per_prompt": k, "images": n, "mean": gain, "se": se})
+        k *= 2
+    return out
+
+
 def _se(d) -> float:
     d = np.asarray(d, dtype=np.float64)
     return float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.nan
@@ -114,6 +133,14 @@ def write_outputs(out: Path, results: dict, argv: list[str]) -> None:
                 cells = [f"{p[i]['mean']:+.4f} ± {p[i]['se']:.4f}" if i in p else ""
                          for p in points.values()]
                 lines.append(f"| {i} | " + " | ".join(cells) + " |")
+            lines.append("")
+    for name, r in results["runs"].items():
+        if r.get("se_by_images"):
+            lines += [f"## {name}: held-out ShapesEval strict at the last version, by images "
+                      "per prompt", "", "| images per prompt | images | gain | standard error |",
+                      "|---|---|---|---|"]
+            lines += [f"| {p['per_prompt']} | {p['images']} | {p['mean']:+.4f} | {p['se']:.4f} |"
+                      for p in r["se_by_images"]]
             lines.append("")
     if panels:
         line_charts(out.with_suffix(".png"), panels, smooth=1)
@@ -166,7 +193,8 @@ def main(argv: list[str] | None = None) -> dict:
     control = runs_dir / CONTROL
     results = {"config": str(args.config), "overrides": args.overrides,
                "runs": {name: {"train": train_gains(runs_dir / name, control),
-                               "eval": eval_gains(runs_dir / name, control)}
+                               "eval": eval_gains(runs_dir / name, control),
+                               "se_by_images": se_by_images(runs_dir / name, control)}
                         for name in names if name != CONTROL}}
     write_outputs(args.out, results, argv)
     for name, r in results["runs"].items():

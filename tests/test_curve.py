@@ -36,6 +36,8 @@ def test_gains_pair_each_sample_with_the_frozen_control(tmp_path):
     ev = curve.eval_gains(tmp_path / "recipe", tmp_path / "frozen")
     assert [p["version"] for p in ev["reward/r"]] == [0, 2]
     assert ev["reward/r"][1]["mean"] == 0.5 and ev["shapes/strict"][1]["mean"] == 0.5
+    se = curve.se_by_images(tmp_path / "recipe", tmp_path / "frozen")
+    assert [p["per_prompt"] for p in se] == [1] and se[0]["images"] == 2
     results = {"config": "c", "overrides": [], "runs": {"recipe": {
         "train": curve.train_gains(tmp_path / "recipe", tmp_path / "frozen"), "eval": ev}}}
     curve.write_outputs(tmp_path / "out" / "c", results, ["--config", "c"])
