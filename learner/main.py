@@ -173,8 +173,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
                                             key if isinstance(key, int) else key[1])
                 metrics_server.drop_reward(failure.reward)
 
-    def evaluate(step: int) -> dict[str, float]:
-        """Evaluate the current version on the held-out prompts; log and plot it."""
+    def evaluate(version: int, step: int) -> dict[str, float]:
+        """Evaluate weights ``version`` (published) on the held-out prompts; log and plot it."""
         t = time.perf_counter()
         jobs = evaluation.eval_jobs(eval_set, cfg.eval.per_prompt, offset=len(rows))
         work, image_refs = service.launch_eval(version, jobs, cfg.eval.seed, len(rows),
@@ -199,7 +199,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
     bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc="train")
     try:
         if cfg.eval.every and version not in evaluation.read_evals(run_dir):
-            evaluate(start)  # the starting point of every paired gain
+            evaluate(version, start)  # the starting point of every paired gain
         with open(run_dir / "metrics.jsonl", mode) as log, open(run_dir / "samples.jsonl", mode) as samples:
             for step in bar:
                 t0 = time.perf_counter()
@@ -240,7 +240,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
                 last = step == cfg.train.steps - 1
                 # evaluate held-out prompts with fixed noise (every eval.every steps)
                 if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or last):
-                    metrics.update(evaluate(step + 1))
+                    metrics.update(evaluate(version, step + 1))
                 # log
                 dropped = tuple(n for n in names if n not in weights)
                 write_samples(samples, work, rewards, adv, version - 1, dropped)
