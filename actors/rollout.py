@@ -137,11 +137,11 @@ class RolloutWorker:
         if self.eval_spec is None:
             raise RuntimeError("this rollout worker was built without an eval_sampler")
         pipe, finals, images = self.policy.pipe, [], []
+        seeds = torch.tensor([eval_seed(seed, pid - offset, i) for pid, _, i in jobs])
         for start in range(0, len(jobs), batch):
-            chunk = jobs[start:start + batch]
-            prompts = [prompt for _, prompt, _ in chunk]
-            seeds = torch.tensor([eval_seed(seed, pid - offset, i) for pid, _, i in chunk])
-            out = sample_rollout(pipe, prompts, seeds, self.eval_spec, negative=self.negative,
+            prompts = [prompt for _, prompt, _ in jobs[start:start + batch]]
+            out = sample_rollout(pipe, prompts, seeds[start:start + batch], self.eval_spec,
+                                 negative=self.negative,
                                  max_sequence_length=self.max_sequence_length)
             finals.append(out.final)
             images.append(decode_images(pipe, out.final))
@@ -149,7 +149,7 @@ class RolloutWorker:
         rollout = Rollout(
             latents=final[:, None], log_probs=torch.zeros(len(jobs), 0),
             sigmas=sd3_sigmas(self.spec.num_steps, self.spec.shift),
-            seeds=torch.tensor([eval_seed(seed, pid - offset, i) for pid, _, i in jobs]),
+            seeds=seeds,
             prompt_ids=torch.tensor([pid for pid, _, _ in jobs]),
             prompts=[prompt for _, prompt, _ in jobs], spec=self.spec, weight_version=version,
         )

@@ -132,12 +132,12 @@ def paired_gain(a: Sequence[dict], b: Sequence[dict], key: str) -> tuple[float, 
         return math.nan, math.nan, 0
     if not key.endswith("/strict"):
         d = np.array([x for _, x in pairs])
-        return float(d.mean()), _se(d), len(d)
+        return float(d.mean()), standard_error(d), len(d)
     by_tag: dict[str, list[float]] = {}
     for tag, x in pairs:
         by_tag.setdefault(tag, []).append(x)
     means = [np.mean(v) for v in by_tag.values()]
-    ses = [_se(np.array(v)) for v in by_tag.values()]
+    ses = [standard_error(np.array(v)) for v in by_tag.values()]
     se = math.sqrt(sum(s * s for s in ses if math.isfinite(s))) / len(ses)
     return float(np.mean(means)), se, len(pairs)
 
@@ -190,5 +190,7 @@ def _overall(rows: Sequence[dict], key: str) -> float:
     return float(np.mean([np.mean([v for t, v in values if t == tag]) for tag in tags]))
 
 
-def _se(d: np.ndarray) -> float:
+def standard_error(d) -> float:
+    """Standard error of the mean of ``d`` (NaN for fewer than two values)."""
+    d = np.asarray(d, dtype=np.float64)
     return float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.nan

@@ -61,7 +61,7 @@ def train_gains(run_dir: Path, control_dir: Path) -> dict[str, list[dict]]:
     for key in keys:
         diffs = paired(by_sample(rows, key), by_sample(control, key))
         out[key.removeprefix("reward/")] = [
-            {"step": s, "mean": float(np.mean(d)), "se": _se(d), "n": len(d)}
+            {"step": s, "mean": float(np.mean(d)), "se": evaluation.standard_error(d), "n": len(d)}
             for s, d in sorted(diffs.items())]
     return out
 
@@ -97,11 +97,6 @@ def se_by_images(run_dir: Path, control_dir: Path, key: str = "shapes/strict") -
         out.append({"per_prompt": k, "images": n, "mean": gain, "se": se})
         k *= 2
     return out
-
-
-def _se(d) -> float:
-    d = np.asarray(d, dtype=np.float64)
-    return float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.nan
 
 
 def _per_index(points: list[dict], index: str) -> list[float]:
