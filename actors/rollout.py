@@ -6,7 +6,9 @@ the actors are created, and the tests drive it directly.
 A worker serves exactly one weight version at a time, loaded from the learner's flat
 buffer (``policy.weights.FlatWeights``). It starts with none: a freshly started or
 restarted actor refuses to sample until it has been given a version (DESIGN.md
-trap 7), so a rollout is never tagged with weights it was not made with.
+trap 7), so a rollout is never tagged with weights it was not made with. The service
+passes the version's weights with every call (``weights=``), so that a call Ray retries
+on a restarted actor samples with the same weights and seeds as the lost one.
 """
 
 from __future__ import annotations
@@ -88,14 +90,19 @@ class RolloutWorker:
         return self.policy.load(flat)
 
     @torch.no_grad()
-    def sample(self, groups: list[tuple[int, str]], step: int, group_size: int) -> Rollout:
+    def sample(self, groups: list[tuple[int, str]], step: int, group_size: int,
+               weights: FlatWeights | None = None) -> Rollout:
         """Sample whole groups: ``group_size`` trajectories per ``(prompt_index, prompt)``.
+
+        ``weights``: load that version first (skipped if loaded); None: the loaded one.
 
         Sample ``i`` of prompt ``index`` uses ``sample_seed(run_seed, step, index, i)``, so
         it does not depend on which worker ran it or what else was in the call. Every
         sample of the call is made with the one loaded version, recorded in the rollout.
         Returns numpy arrays (zero-copy through Ray's object store).
         """
+        if weights is not None:
+            self.policy.load(weights)
         version = self.policy.require_version()
         if not groups or group_size < 1:
             raise ValueError(f"need at least one group and group_size >= 1, got "
@@ -120,7 +127,8 @@ class RolloutWorker:
 
     @torch.no_grad()
     def evaluate(self, jobs: list[tuple[int, str, int]], seed: int, offset: int = 0,
-                 batch: int = 32) -> tuple[Rollout, np.ndarray]:
+                 batch: int = 32, weights: FlatWeights | None = None
+                 ) -> tuple[Rollout, np.ndarray]:
         """Evaluation samples of the loaded version: ``(final-latent rollout, images)``.
 
         ``jobs`` are ``(prompt_id, prompt, sample_index)``, the prompt ids ``offset`` past
@@ -132,7 +140,10 @@ class RolloutWorker:
         no log-probs) and carries the *training* spec and sigmas, so that the reward pools
         score it exactly as they score training samples (self-confidence probes its noise
         levels from them). Images are uint8 ``[B, H, W, 3]``. Call with ``num_returns=2``.
+        ``weights``: as in :meth:`sample`.
         """
+        if weights is not None:
+            self.policy.load(weights)
         version = self.policy.require_version()
         if self.eval_spec is None:
             raise RuntimeError("this rollout worker was built without an eval_sampler")

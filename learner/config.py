@@ -176,6 +176,14 @@ class RolloutConfig(_Section):
         False, description="always ask for the 'rollout' resource (autoscaling clusters); "
         "false: only if a node declares it at start"
     )
+    max_restarts: int = Field(
+        3, ge=0, description="Ray restarts of a rollout actor that dies; its lost call is "
+        "sampled again on the restarted actor with the same seeds and weights"
+    )
+    timeout_s: float = Field(
+        1800.0, gt=0, description="longest wait for one step's rollouts and scores (or one "
+        "evaluation) before the run stops with a checkpoint, instead of hanging"
+    )
 
 
 class RewardPoolConfig(_Section):
@@ -279,6 +287,10 @@ class LearnerConfig(_Section):
     max_staleness: int = Field(
         1, ge=0, description="how many weight versions a rollout may lag the learner; 0 = on-policy"
     )
+    update_timeout_s: float = Field(
+        1800.0, gt=0, description="longest wait for one update of the DeepSpeed ranks before "
+        "the run stops with its last checkpoint, instead of hanging"
+    )
 
 
 class RayConfig(_Section):
@@ -331,6 +343,11 @@ class TrainConfig(_Section):
     )
     out_dir: str = Field("runs", description="parent directory of run directories")
     save_every: int = Field(10, ge=1, description="checkpoint every N steps (and at the end)")
+    stop_timeout_s: float = Field(
+        60.0, gt=0, description="after SIGTERM/SIGINT: how long the step in flight may take to "
+        "finish before the run exits without it (its last checkpoint stands); a second "
+        "signal exits at once"
+    )
 
 
 class Config(_Section):

@@ -29,8 +29,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
+import sys
 import time
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +48,24 @@ from learner.config import SC, Config, ConfigError, load_config
 from learner.grpo import advantage_metrics, combine_advantages, shuffle_within_groups
 from learner.metrics import PrometheusMetrics
 from learner.prompts import PromptCursor, load_prompts
-from learner.rundir import latest_checkpoint, save_checkpoint, write_samples
-from learner.service import RewardFailure, Service, StepWork, check_versions, rewards_of
+from learner.rundir import (
+    latest_checkpoint,
+    log_sizes,
+    restore_logs,
+    save_checkpoint,
+    write_samples,
+)
+from learner.service import (
+    RewardFailure,
+    RolloutFailure,
+    Service,
+    StepTimeout,
+    StepWork,
+    StopRequested,
+    check_versions,
+    rewards_of,
+)
+from learner.stopping import RunStopped, StopSignals
 from policy.grid import prompt_lines, save_grid
 from policy.sampler import SHUFFLE_STREAM, derive_seed, suffix_window
 from rewards.http import HttpScorer
@@ -76,7 +96,7 @@ def check_http_rewards(cfg: Config) -> None:
 
 
 def on_reward_failure(failure: RewardFailure, cfg: Config, service: Service,
-                      weights: dict[str, float], run_dir: Path, cursor: PromptCursor,
+                      weights: dict[str, float], checkpoint: Callable[[], Path],
                       step: int) -> dict[str, float]:
     """Apply the failed reward's ``on_failure``; returns the weights to train on with.
 
@@ -84,7 +104,7 @@ def on_reward_failure(failure: RewardFailure, cfg: Config, service: Service,
       to sum to the original total (so the advantage keeps its scale); steps not trained
       yet use them, and their samples record the dropped reward as null.
     * ``stop`` (and always for self-confidence, or when nothing is left to rescale):
-      checkpoint at ``step`` (the steps trained so far), then raise :class:`RewardStopped`.
+      ``checkpoint()`` (of the ``step`` steps done), then raise :class:`RewardStopped`.
     """
     name = failure.reward
     ext = next((e for e in cfg.external_rewards if e.name == name), None)
@@ -101,11 +121,11 @@ def on_reward_failure(failure: RewardFailure, cfg: Config, service: Service,
     reason = ("self-confidence cannot be dropped" if ext is None
               else "on_failure=stop" if ext.on_failure == "stop"
               else "on_failure=drop, but the remaining weights sum to 0")
-    checkpoint = save_checkpoint(run_dir, service, cursor, step)
+    saved = checkpoint()
     raise RewardStopped(
         f"reward {name!r}{where} failed for good at step {step}: {failure.error}. {reason}: "
-        f"saved checkpoint {checkpoint}; continue with `python -m learner.main --resume "
-        f"{run_dir}` once the reward works again (or set on_failure: drop)", name, checkpoint,
+        f"saved checkpoint {saved}; continue with `python -m learner.main --resume "
+        f"{saved.parents[1]}` once the reward works again (or set on_failure: drop)", name, saved,
     ) from failure
 
 
@@ -132,21 +152,86 @@ def local_cpus(cfg: Config) -> int:
     return max(os.cpu_count() or 1, int(np.ceil(reserved)) + 1)
 
 
+class RunFailed(RuntimeError):
+    """The run stopped on a fault it cannot recover from; the message says what happened,
+    which checkpoint stands and how to go on."""
+
+
+class NonFinite(RuntimeError):
+    """An advantage or a loss is NaN or infinite: the step is not trained on (or, for a
+    loss, its weights are not published)."""
+
+
+def check_finite_advantages(step: int, adv: np.ndarray, rewards: dict[str, np.ndarray]) -> None:
+    """Refuse to train step ``step`` on a NaN or infinite advantage, naming the reward."""
+    if np.isfinite(adv).all():
+        return
+    bad = [name for name, r in rewards.items() if not np.isfinite(r).all()]
+    raise NonFinite(f"step {step}: {int((~np.isfinite(adv)).sum())} non-finite advantages "
+                    f"(non-finite rewards: {bad or 'none'}); the step was not trained on")
+
+
+def check_finite_update(step: int, metrics: dict[str, float], run_dir: Path) -> None:
+    """A NaN or infinite loss or gradient norm: the new weights are not published."""
+    bad = {k: v for k, v in metrics.items() if k.startswith(("loss/total", "grad/norm"))
+           and isinstance(v, float) and not math.isfinite(v)}
+    if bad:
+        raise RunFailed(
+            f"step {step}: the update gave {bad}; its weights were not published or saved. "
+            f"The last checkpoint ({latest_checkpoint(run_dir)}) stands; lower grpo.lr or "
+            "raise grpo.max_grad_norm before resuming from it")
+
+
+def pool_metrics(name: str, pool) -> dict[str, float]:
+    """A reward pool's retries, failures, timeouts and size: ``reward/pool/*`` for
+    self-confidence (as the dashboard has always charted it), ``reward/<name>/pool/*`` for
+    every external reward."""
+    prefix = "reward/pool/" if name == SC else f"reward/{name}/pool/"
+    return {prefix + k.removeprefix("reward/pool/"): v for k, v in pool.metrics().items()}
+
+
+def first_line(error: BaseException, limit: int = 400) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:limit]
+
+
+def checkpoint_steps(path: Path | None) -> int | None:
+    return int(path.name.removeprefix("step_")) if path is not None else None
+
+
+def try_checkpoint(checkpoint: Callable[[int], Path], steps: int) -> Path | None:
+    """A checkpoint after a fault, if the actors it needs still answer."""
+    try:
+        return checkpoint(steps)
+    except Exception as e:  # the fault took the learner (or the object store) with it
+        logger.warning("no checkpoint after the fault: %s", first_line(e))
+        return None
+
+
 def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
-    """Run the service for ``cfg.train.steps`` steps; returns the run directory."""
+    """Run the service for ``cfg.train.steps`` steps; returns the run directory.
+
+    Raises :class:`RunStopped` after a SIGTERM/SIGINT (a checkpoint of the steps done is
+    written first), :class:`RewardStopped` when a reward fails for good with
+    ``on_failure: stop``, and :class:`RunFailed` on a fault the run cannot recover from.
+    """
     rows = load_prompts(cfg.train.prompts)
     check_http_rewards(cfg)  # an unreachable server or a wrong token fails here, not mid-run
     run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    saved = torch.load(ckpt / "trainer.pt", weights_only=False) if ckpt is not None else None
+    if saved is None or "logs" in saved:  # (checkpoints before log lengths: append as is)
+        restore_logs(run_dir, saved["logs"] if saved else None)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     eval_set = (evaluation.eval_rows(load_prompts(cfg.eval.prompts), cfg.eval.prompts_per_tag)
                 if cfg.eval.every else [])
     service = Service(cfg, rows, eval_set)
     cursor, start = PromptCursor(rows, cfg.seed, mix=cfg.train.prompt_mix), 0
-    ckpt = latest_checkpoint(run_dir) if resume else None
-    if ckpt is not None:
-        saved = torch.load(ckpt / "trainer.pt", weights_only=False)
+    if saved is not None:
         service.learner.load_state_dict(saved["learner"])
         start, cursor.position = saved["step"], saved["cursor"]
+        for v, flat in saved.get("stale_weights", {}).items():
+            service.restore_weights(v, flat)
         print(f"resuming {run_dir} at step {start} from {ckpt.name}", flush=True)
     metrics_server = PrometheusMetrics(cfg.metrics.port, list(service.pools))
     version = start  # weight version v = optimizer steps taken
@@ -155,22 +240,48 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
     weights = ({SC: cfg.self_confidence.weight} if cfg.self_confidence.enabled else {}) | {
         e.name: e.weight for e in cfg.external_rewards}
     steps_trained = list(range(*suffix_window(cfg.sampler.num_steps - 1, cfg.grpo.train_fraction)))
+    lag, steps = cfg.learner.max_staleness, cfg.train.steps
     inflight: dict[int | tuple[str, int], StepWork] = {}
-    next_launch = start
-    mode = "a" if resume else "w"
-    if not resume:
-        for name in ("evals.jsonl", "eval_samples.jsonl"):
-            (run_dir / name).unlink(missing_ok=True)
+    launched_at: dict[int, int] = {}  # step -> the prompt cursor before its prompts
+    # Open for the whole run and closed in the finally below, after the last checkpoint
+    # (which a handler of the loop's exceptions may write).
+    files = ExitStack()
+    log = files.enter_context(open(run_dir / "metrics.jsonl", "a"))  # noqa: SIM115
+    samples = files.enter_context(open(run_dir / "samples.jsonl", "a"))  # noqa: SIM115
+    pending: dict | None = None  # the last step's metrics line, written once complete
+    steps_done = start  # steps whose update, samples and metrics are in
+
+    def launch(step: int, with_version: int) -> None:
+        launched_at[step] = cursor.position
+        picked = cursor.take(cfg.grpo.prompts_per_step)
+        inflight[step] = service.launch(step, with_version, picked)
+
+    def write_metrics() -> None:
+        nonlocal pending
+        if pending is not None:
+            log.write(json.dumps(pending) + "\n")
+            log.flush()
+            metrics_server.update(pending)
+            pending = None
+
+    def checkpoint(done: int) -> Path:
+        """Checkpoint after ``done`` steps, with the loop state that makes resume exact."""
+        write_metrics()
+        samples.flush()
+        stale = {v: ray.get(ref, timeout=cfg.rollout.timeout_s)
+                 for v, ref in service.weights.items() if v < done}
+        return save_checkpoint(run_dir, service, launched_at.get(done, cursor.position), done,
+                               logs=log_sizes(run_dir), stale=stale)
 
     def wait_for(key) -> None:
         """Wait for every reward of ``inflight[key]``; a reward failing for good: its on_failure."""
         nonlocal weights
         while True:
             try:
-                return service.gather(inflight, key)
+                return service.gather(inflight, key, stop)
             except RewardFailure as failure:  # on_failure: stop (raises) or drop
-                weights = on_reward_failure(failure, cfg, service, weights, run_dir, cursor,
-                                            key if isinstance(key, int) else key[1])
+                weights = on_reward_failure(failure, cfg, service, weights,
+                                            lambda: checkpoint(steps_done), steps_done)
                 metrics_server.drop_reward(failure.reward)
 
     def evaluate(version: int, step: int) -> dict[str, float]:
@@ -180,12 +291,15 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
         work, image_refs = service.launch_eval(version, jobs, cfg.eval.seed, len(rows),
                                                cfg.eval.rewards)
         inflight[work.step] = work
-        wait_for(work.step)
-        inflight.pop(work.step)
+        try:
+            wait_for(work.step)
+        finally:
+            inflight.pop(work.step)
         check_versions(work)
         scores = rewards_of(work, list(service.pools)) if work.scored else {}
+        images = ray.get(image_refs, timeout=cfg.rollout.timeout_s)
         result = evaluation.grade(version, step, eval_set, cfg.eval.per_prompt,
-                                  np.concatenate(ray.get(image_refs)), scores)
+                                  np.concatenate(images), scores)
         result.summary["timing/eval_s"] = time.perf_counter() - t
         evaluation.write(run_dir, result)
         evaluation.plot(run_dir)
@@ -196,17 +310,32 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
             f"{k[5:]} {v:.4f}" for k, v in shown.items()))
         return result.summary
 
-    bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc="train")
+    # A resumed run first samples again what the stopped one had sampled ahead, with the
+    # older versions it used there (saved in the checkpoint): step j went out with
+    # version max(0, j - max_staleness).
+    for j in range(start, min(start + lag, steps)) if start else ():
+        older = max(0, j - lag)
+        if older not in service.weights:  # a checkpoint without them: the newest instead
+            logger.warning("checkpoint has no weights of version %d: step %d is sampled with "
+                           "version %d, not as the uninterrupted run did", older, j, version)
+            older = version
+        launch(j, older)
+    next_launch = max(inflight, default=start - 1) + 1
+
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="train")
+    stop = StopSignals(cfg.train.stop_timeout_s)
+    updating = False
     try:
-        if cfg.eval.every and version not in evaluation.read_evals(run_dir):
-            evaluate(version, start)  # the starting point of every paired gain
-        with open(run_dir / "metrics.jsonl", mode) as log, open(run_dir / "samples.jsonl", mode) as samples:
+        with stop:
+            if cfg.eval.every and version not in evaluation.read_evals(run_dir):
+                evaluate(version, start)  # the starting point of every paired gain
             for step in bar:
+                if stop():
+                    raise StopRequested
                 t0 = time.perf_counter()
                 # prompts -> rollouts: keep up to max_staleness steps sampling ahead
-                while next_launch <= step + cfg.learner.max_staleness and next_launch < cfg.train.steps:
-                    picked = cursor.take(cfg.grpo.prompts_per_step)
-                    inflight[next_launch] = service.launch(next_launch, version, picked)
+                while next_launch <= step + lag and next_launch < steps:
+                    launch(next_launch, version)
                     next_launch += 1
                 # rollouts -> scores, taken as they finish
                 wait_for(step)
@@ -223,25 +352,26 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
                                                        derive_seed(cfg.seed, SHUFFLE_STREAM, step))
                 adv = combine_advantages(trained_on, weights, group_ids,
                     cfg.grpo.combine, cfg.grpo.std_mode, cfg.grpo.adv_clip, cfg.grpo.adv_eps)
+                check_finite_advantages(step, adv.values.numpy(), rewards)
                 # advantages -> update (DeepSpeed ranks take the rollouts by reference)
                 staleness = version - work.version
                 metrics = {}
                 if adv.keep.any():
-                    pending = service.learner.submit_train_step(
+                    updating = True  # from here to the new version, no checkpoint is whole
+                    pending_update = service.learner.submit_train_step(
                         work.refs, adv.values.numpy(), adv.keep.numpy(), steps_trained)
-                    service.wait_update(pending, inflight)  # scoring of step + 1 goes on
-                    metrics = service.learner.finish_train_step(pending)
+                    service.wait_update(pending_update, inflight)  # scoring of step + 1 goes on
+                    metrics = service.learner.finish_train_step(pending_update)
+                    check_finite_update(step, metrics, run_dir)
                     # the ranks' own compute time; timing/update_s below is the driver's wait
                     metrics["timing/learner_compute_s"] = metrics.pop("timing/update_s")
                 t2 = time.perf_counter()
                 # update -> publish weights v+1 to every rollout actor
                 version += 1
                 push_s = service.publish(version)
-                last = step == cfg.train.steps - 1
-                # evaluate held-out prompts with fixed noise (every eval.every steps)
-                if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or last):
-                    metrics.update(evaluate(version, step + 1))
-                # log
+                updating = False
+                last = step == steps - 1
+                # log: the samples now, the metrics line once the evaluation is in
                 dropped = tuple(n for n in names if n not in weights)
                 write_samples(samples, work, rewards, adv, version - 1, dropped)
                 samples.flush()
@@ -252,10 +382,9 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
                     metrics[f"reward/{name}/std"] = float(r.std())
                     metrics[f"reward/{name}/weight"] = weights[name]
                 metrics["reward/dropped"] = len(dropped)
-                for pool in service.pools.values():
+                for name, pool in service.pools.items():
                     pool.sync_control()  # a size set from outside (python -m actors.scale)
-                if SC in service.pools:
-                    metrics.update(service.pools[SC].metrics())
+                    metrics.update(pool_metrics(name, pool))
                 metrics.update({
                     "step": step, "time": time.time(), "rollout/staleness": staleness,
                     "rollout/samples": n,
@@ -264,22 +393,41 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
                     "timing/publish_s": push_s, "system/queue_depth": len(inflight),
                     "system/weight_version": version,
                 })
-                log.write(json.dumps(metrics) + "\n")
-                log.flush()
-                metrics_server.update(metrics)
+                pending, steps_done = metrics, step + 1
+                # evaluate held-out prompts with fixed noise (every eval.every steps)
+                if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or last) and not stop():
+                    metrics.update(evaluate(version, step + 1))
+                write_metrics()
                 bar.set_postfix(reward=f"{metrics[f'reward/{main_reward}/mean']:+.4f}",
                                 sps=f"{metrics['rollout/samples_per_s']:.1f}", stale=staleness)
-                if (step + 1) % cfg.train.save_every == 0 or last:
-                    save_checkpoint(run_dir, service, cursor, step + 1)
+                if (step + 1) % cfg.train.save_every == 0 or last or stop():
+                    checkpoint(step + 1)
                 if (step + 1) % cfg.metrics.grid_every == 0 or last:
-                    images = ray.get(service.rollout_actors[0].decode.remote(work.refs[0]))
+                    images = ray.get(service.rollout_actors[0].decode.remote(work.refs[0]),
+                                     timeout=cfg.rollout.timeout_s)
                     prompts = [p for _, p in work.groups[0] for _ in range(cfg.grpo.group_size)]
                     label = "sc" if main_reward == SC else main_reward[:6]
                     captions = [prompt_lines(p) + [f"{label} {r:+.3f}"]
                                 for p, r in zip(prompts, rewards[main_reward], strict=False)]
                     save_grid(run_dir / "grids" / f"step_{step:06d}.png", images, captions)
+            if stop():  # the signal came during the last step: it is checkpointed
+                raise StopRequested
+    except StopRequested:
+        path = latest_checkpoint(run_dir)
+        if checkpoint_steps(path) != steps_done:
+            path = checkpoint(steps_done)
+        raise RunStopped(stop.requested, steps_done, path, run_dir) from None
+    except (RolloutFailure, StepTimeout, NonFinite, ray.exceptions.RayError) as e:
+        path = None if updating else try_checkpoint(checkpoint, steps_done)
+        path = path or latest_checkpoint(run_dir)
+        where = f"during the update of step {steps_done}" if updating else f"after {steps_done} steps"
+        raise RunFailed(
+            f"{type(e).__name__} {where}: {first_line(e)}\n"
+            + (f"checkpoint {path} stands; continue with `python -m learner.main --resume "
+               f"{run_dir}`" if path else "no checkpoint was written; start again")) from e
     finally:
         bar.close()
+        files.close()
         service.close()
     for line in evaluation.report(run_dir):  # start -> end, paired image by image
         print(line, flush=True)
@@ -296,6 +444,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
                         help="continue RUN_DIR from its last checkpoint, with its config")
     args = parser.parse_args(argv)
+    if args.resume and not (args.resume / "config.yaml").is_file():
+        parser.error(f"--resume {args.resume}: no run there (a run directory holds the "
+                     "config.yaml that learner.main wrote); give the directory a run printed")
     config_path = args.resume / "config.yaml" if args.resume else args.config or DEFAULT_CONFIG
     try:
         cfg = load_config(config_path, args.overrides)  # fails here, before any actor starts
@@ -305,6 +456,12 @@ def main(argv: list[str] | None = None) -> None:
     init_ray(cfg, args.address)
     try:
         train(cfg, run_dir, resume=bool(args.resume))
+    except RunStopped as e:  # a signal: checkpointed, resumable
+        print(e, file=sys.stderr, flush=True)
+        sys.exit(e.status)  # after the finally: the actors and Ray shut down first
+    except (RunFailed, RewardStopped) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
     finally:
         ray.shutdown()
     print(f"run directory: {run_dir}")

@@ -2,6 +2,11 @@
 
 Checkpoints are written to a temporary directory and renamed into place, so a crash
 never leaves a half-written one; ``lora/`` at the top of the run dir is the latest LoRA.
+
+A checkpoint records how long each log file (:data:`LOGS`) was when it was taken. A
+resumed run cuts the logs back to those lengths before it appends (:func:`restore_logs`),
+so lines written after the checkpoint (the steps a killed run did not checkpoint, a
+half-written last line) are dropped and written again by the resumed run, exactly once.
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from learner.prompts import PromptCursor
 from learner.service import Service, StepWork
 from policy.pipeline import save_lora_state
 
@@ -42,9 +46,35 @@ def write_samples(log, work: StepWork, rewards: dict[str, np.ndarray], adv, trai
         n += len(sc.sample_keys)
 
 
-def save_checkpoint(run_dir: Path, service: Service, cursor: PromptCursor, step: int) -> Path:
-    """``checkpoints/step_N``: LoRA (diffusers format), optimizer states, loop state.
+LOGS = ("metrics.jsonl", "samples.jsonl", "evals.jsonl", "eval_samples.jsonl")
 
+
+def log_sizes(run_dir: Path) -> dict[str, int]:
+    """Bytes in each log file now (0 for one not written yet)."""
+    return {name: (run_dir / name).stat().st_size if (run_dir / name).exists() else 0
+            for name in LOGS}
+
+
+def restore_logs(run_dir: Path, sizes: dict[str, int] | None) -> None:
+    """Cut each log back to its length in ``sizes`` (a checkpoint's); None: start afresh."""
+    for name in LOGS:
+        path = run_dir / name
+        if sizes is None:
+            path.unlink(missing_ok=True)
+        elif path.exists() and path.stat().st_size > sizes.get(name, 0):
+            with open(path, "r+b") as f:
+                f.truncate(sizes.get(name, 0))
+
+
+def save_checkpoint(run_dir: Path, service: Service, position: int, step: int,
+                    logs: dict[str, int] | None = None, stale: dict | None = None) -> Path:
+    """``checkpoints/step_N`` after ``step`` steps: LoRA (diffusers format), optimizer
+    states, loop state.
+
+    The loop state: ``position``, the prompt cursor before step ``step``'s prompts;
+    ``logs``, the log files' lengths (:func:`log_sizes`); ``stale``, the flat weights of
+    the older versions that steps ``step..`` were sampled with (``max_staleness >= 1``),
+    so that a resumed run samples them as the uninterrupted run did.
     Written to a temporary directory and renamed into place, so a crash never leaves a
     half-written checkpoint; ``lora/`` at the top of the run dir is the latest LoRA.
     """
@@ -54,7 +84,8 @@ def save_checkpoint(run_dir: Path, service: Service, cursor: PromptCursor, step:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_lora_state(state["lora"], service.cfg.lora.spec(service.cfg.seed), tmp / "lora")
-    torch.save({"learner": state, "step": step, "cursor": cursor.position}, tmp / "trainer.pt")
+    torch.save({"learner": state, "step": step, "cursor": position, "logs": logs,
+                "stale_weights": stale or {}}, tmp / "trainer.pt")
     if final.exists():  # a resumed run re-saving a step
         shutil.rmtree(final)
     os.replace(tmp, final)

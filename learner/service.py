@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -29,6 +30,20 @@ class RewardFailure(RuntimeError):
     def __init__(self, reward: str, error: RewardError) -> None:
         super().__init__(f"reward {reward!r}: {error}")
         self.reward, self.error = reward, error
+
+
+class RolloutFailure(RuntimeError):
+    """A rollout call failed for good (its actor died past ``rollout.max_restarts``, or
+    sampling raised): the reward pools' failures that follow are not the rewards' fault."""
+
+
+class StepTimeout(RuntimeError):
+    """A wait of the driver ran past its bound (``rollout.timeout_s``,
+    ``learner.update_timeout_s``): the run stops rather than hangs."""
+
+
+class StopRequested(Exception):
+    """Raised inside a wait when the run has been asked to stop (SIGTERM/SIGINT)."""
 
 
 @dataclass
@@ -57,8 +72,12 @@ class Service:
         resources = ray.cluster_resources()
         wants = cfg.rollout.require_resource or "rollout" in resources
         rollout_res = {"rollout": 0.01} if wants else None
+        # A rollout actor that dies is restarted, and Ray sends its lost call again: every
+        # call carries its seeds and its weights, so the retry samples the same rollout.
+        restarts = cfg.rollout.max_restarts
         actor = ray.remote(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus,
-                           resources=rollout_res)(RolloutWorker)
+                           resources=rollout_res, max_restarts=restarts,
+                           max_task_retries=restarts)(RolloutWorker)
         self.rollout_actors = [
             actor.remote(m.path, m.dtype, m.device, cfg.rollout.num_threads, lora,
                          cfg.sampler.spec(), m.max_sequence_length, cfg.seed,
@@ -115,10 +134,15 @@ class Service:
         for actor in self.rollout_actors:
             actor.set_weights.remote(ref)
         self.weights[version] = ref
-        # Keep the versions that in-flight rollouts may still need for scoring.
+        # Keep the versions that in-flight rollouts may still need (sampling, scoring).
         for old in [v for v in self.weights if v < version - self.cfg.learner.max_staleness]:
             del self.weights[old]
         return seconds
+
+    def restore_weights(self, version: int, flat) -> None:
+        """Put an older version's weights (from a checkpoint) back in the object store, for
+        the steps a resumed run must sample with it (``max_staleness >= 1``)."""
+        self.weights[version] = ray.put(flat)
 
     def launch(self, step: int, version: int, picked: list[tuple[int, dict]]) -> StepWork:
         """Sample the step's groups on the rollout actors and queue them for scoring."""
@@ -128,7 +152,8 @@ class Service:
         work = StepWork(step, version, [], [])
         for actor, chunk in zip(self.rollout_actors, chunks, strict=False):
             call_groups = [groups[i] for i in chunk]
-            ref = actor.sample.remote(call_groups, step, self.cfg.grpo.group_size)
+            ref = actor.sample.remote(call_groups, step, self.cfg.grpo.group_size,
+                                      weights=self.weights[version])
             for pool in self.pools.values():  # scored as soon as this rollout exists
                 pool.submit(ref, self.weights[version], key=(step, len(work.refs)))
             work.refs.append(ref)
@@ -149,17 +174,21 @@ class Service:
         work, images = StepWork(key, version, [], [], scored=score), []
         for actor, chunk in zip(self.rollout_actors, chunks, strict=False):
             ref, image_ref = actor.evaluate.options(num_returns=2).remote(
-                [jobs[i] for i in chunk], seed, offset)
+                [jobs[i] for i in chunk], seed, offset, weights=self.weights[version])
             for pool in self.pools.values() if score else ():
                 pool.submit(ref, self.weights[version], key=(key, len(work.refs)))
             work.refs.append(ref)
             images.append(image_ref)
         return work, images
 
-    def gather(self, inflight: dict, step: int | tuple[str, int]) -> None:
+    def gather(self, inflight: dict, step: int | tuple[str, int],
+               stop: Callable[[], bool] = lambda: False) -> None:
         """Collect scores (of any step) until every call of ``step`` has every reward.
 
-        Raises :class:`RewardFailure` naming the reward whose pool gave up on a call.
+        Raises :class:`RewardFailure` naming the reward whose pool gave up on a call,
+        :class:`RolloutFailure` when the rollout it was given had failed,
+        :class:`StepTimeout` after ``rollout.timeout_s``, and :class:`StopRequested` as
+        soon as ``stop()`` is true.
         """
         if self.failure is not None:  # seen while an update was running
             failure, self.failure = self.failure, None
@@ -167,8 +196,28 @@ class Service:
         work = inflight[step]
         want = len(work.refs)
         names = self.pools if work.scored else ()
+        deadline = time.monotonic() + self.cfg.rollout.timeout_s
         while any(len(work.scores[name]) < want for name in names):
+            if stop():
+                raise StopRequested
+            if time.monotonic() > deadline:
+                missing = {n: want - len(work.scores[n]) for n in names if len(work.scores[n]) < want}
+                raise StepTimeout(
+                    f"step {work.step}: rollouts and scores not all in after rollout.timeout_s = "
+                    f"{self.cfg.rollout.timeout_s:g} s (calls still missing per reward: {missing}); "
+                    "raise rollout.timeout_s if steps are this slow, or check the actors' logs")
             self.collect(inflight, timeout=0.05)
+        if not names:  # an evaluation scored by no reward: wait for its rollouts alone
+            self.wait_refs(work.refs, deadline, stop, f"evaluation {work.step}")
+
+    def wait_refs(self, refs: list, deadline: float, stop: Callable[[], bool], what: str) -> None:
+        """Wait until ``refs`` are done, checking ``stop`` and the deadline meanwhile."""
+        while len(ray.wait(refs, num_returns=len(refs), timeout=0.05, fetch_local=False)[0]) < len(refs):
+            if stop():
+                raise StopRequested
+            if time.monotonic() > deadline:
+                raise StepTimeout(f"{what}: not done after rollout.timeout_s = "
+                                  f"{self.cfg.rollout.timeout_s:g} s")
 
     def collect(self, inflight: dict[int, StepWork], timeout: float) -> None:
         """One round over the pools: dispatch queued calls, file the scores that are in."""
@@ -176,9 +225,28 @@ class Service:
             try:
                 done = pool.collect(timeout=timeout)
             except RewardError as e:
+                self.raise_rollout_failure(inflight)  # the reward's input had failed?
                 raise RewardFailure(name, e) from e
             for (s, call), scores in done:
                 inflight[s].scores[name][call] = scores
+
+    @staticmethod
+    def raise_rollout_failure(inflight: dict[int, StepWork]) -> None:
+        """Raise :class:`RolloutFailure` if a finished rollout of the work in flight is an
+        error: a reward call fails when its input does, and must not take the blame."""
+        for work in inflight.values():
+            for call, ref in enumerate(work.refs):
+                if not ray.wait([ref], timeout=0, fetch_local=False)[0]:
+                    continue
+                try:
+                    ray.get(ref, timeout=5)
+                except ray.exceptions.RayError as e:
+                    raise RolloutFailure(
+                        f"rollout of step {work.step} (call {call}) failed for good: "
+                        f"{type(e).__name__}: {str(e).splitlines()[0][:300]}. A rollout actor is "
+                        "restarted rollout.max_restarts times; past that the run stops") from e
+                except Exception:  # slow to fetch: not evidence either way
+                    continue
 
     def wait_update(self, refs: list[ray.ObjectRef], inflight: dict[int, StepWork]) -> None:
         """Wait for the learner's update while the reward pools keep working.
@@ -188,7 +256,13 @@ class Service:
         being scored. A reward failure seen here is raised by the next :meth:`gather`,
         once the update is complete.
         """
+        deadline = time.monotonic() + self.cfg.learner.update_timeout_s
         while len(ray.wait(refs, num_returns=len(refs), timeout=0.02, fetch_local=False)[0]) < len(refs):
+            if time.monotonic() > deadline:
+                raise StepTimeout(
+                    f"the learner's update did not finish within learner.update_timeout_s = "
+                    f"{self.cfg.learner.update_timeout_s:g} s; raise it if updates are this "
+                    "slow, or check the DeepSpeed ranks' logs")
             if self.failure is None:
                 try:
                     self.collect(inflight, timeout=0.02)

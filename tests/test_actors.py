@@ -150,7 +150,8 @@ def test_self_confidence_probes_are_seeded_by_run_version_and_group(scorers, wei
         probe_window=suffix_window(SPEC.num_steps - 1, 0.5),
         generator=torch.Generator().manual_seed(seed),
     )
-    np.testing.assert_array_equal(got.reward[rows], expected.reward.numpy())
+    # Equal up to the float rounding of the batch size (on some CPUs it differs by 1 ulp).
+    np.testing.assert_allclose(got.reward[rows], expected.reward.numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_self_confidence_loads_the_rollouts_version(scorers, weights, rollouts):

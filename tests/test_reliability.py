@@ -1,0 +1,222 @@
+"""Faults an operator meets, on the tiny model: a driver stopped by SIGTERM or killed by
+SIGKILL and resumed, a rollout actor killed mid-run. Each run is compared step by step
+and sample by sample with the same configuration run without a fault.
+
+Runs use ``max_staleness: 1`` (the default), the case where a checkpoint must also carry
+the step sampled ahead: its prompts and the older weights it was sampled with.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+
+from learner.config import load_config
+from learner.main import check_finite_advantages, latest_checkpoint, pool_metrics, train
+from learner.rundir import LOGS, log_sizes, restore_logs
+from learner.stopping import StopSignals
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 6
+OVERRIDES = [
+    "model.path=tiny-random", "grpo.group_size=4", "grpo.prompts_per_step=2",
+    "grpo.micro_batch=8", "sampler.num_steps=6", "self_confidence.num_probes=4",
+    "metrics.port=0", "metrics.grid_every=100", "reward_pool.timeout_s=120", "eval.every=0",
+    f"train.steps={STEPS}", "train.save_every=2", "learner.max_staleness=1",
+]
+# What differs between two runs of one seed for reasons other than their numbers.
+VOLATILE = ("time", "timing/", "rollout/samples_per_s", "reward/pool/", "system/queue_depth")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(address="local", num_cpus=8, namespace="solace", include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(local_ray, tmp_path_factory) -> Path:
+    """The reference: the configuration run start to end with no fault."""
+    cfg = load_config(REPO / "configs/tiny_solace.yaml",
+                      OVERRIDES + ["reward_pool.control_name=test-rel-reference"])
+    return train(cfg, tmp_path_factory.mktemp("reference") / "run")
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _numbers(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    metrics = [{k: v for k, v in m.items() if not k.startswith(VOLATILE)}
+               for m in _lines(run_dir / "metrics.jsonl")]
+    return metrics, _lines(run_dir / "samples.jsonl")
+
+
+def assert_same_run(run_dir: Path, reference: Path) -> None:
+    """Every step's metrics and every sample row as the reference's, each exactly once."""
+    metrics, samples = _numbers(run_dir)
+    ref_metrics, ref_samples = _numbers(reference)
+    assert [m["step"] for m in metrics] == list(range(STEPS))
+    assert len(samples) == len(ref_samples) == STEPS * 2 * 4
+    for got, want in zip(metrics, ref_metrics, strict=True):
+        assert got.keys() == want.keys()
+        for key in want:
+            assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-7), (got["step"], key)
+    key = lambda r: (r["step"], r["prompt_id"], r["seed"])  # noqa: E731
+    assert sorted(map(key, samples)) == sorted(map(key, ref_samples))
+    ref_rows = {key(r): r for r in ref_samples}
+    for row in samples:
+        want = ref_rows[key(row)]
+        assert row.keys() == want.keys()
+        for k, v in want.items():
+            assert row[k] == pytest.approx(v, rel=1e-6, abs=1e-7), (key(row), k)
+
+
+def _driver(run_dir: Path, log: Path) -> subprocess.Popen:
+    """``python -m learner.main`` as an operator starts it, on its own local Ray."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(REPO)
+    args = [sys.executable, "-m", "learner.main", "--config", "configs/tiny_solace.yaml",
+            "--run-dir", str(run_dir)]
+    for item in OVERRIDES + [f"reward_pool.control_name=test-rel-{run_dir.name}"]:
+        args += ["--set", item]
+    return subprocess.Popen(args, cwd=REPO, env=env, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_for_lines(proc: subprocess.Popen, path: Path, n: int, log: Path,
+                    timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while len(_lines(path)) < n:
+        assert proc.poll() is None, f"the driver ended early:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no {n} lines in {path}:\n{log.read_text()[-3000:]}"
+        time.sleep(0.1)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """The driver's session: its local Ray's processes too, so none outlives the test."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=60)
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_run(uninterrupted, tmp_path):
+    run_dir, log = tmp_path / "killed", tmp_path / "killed.log"
+    proc = _driver(run_dir, log)
+    try:
+        # Step 2 logged, its checkpoint (every 2 steps) not yet due: lines past the
+        # step-2 checkpoint exist when the driver dies.
+        _wait_for_lines(proc, run_dir / "metrics.jsonl", 3, log)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        _kill_group(proc)
+    assert latest_checkpoint(run_dir) is not None
+    cfg = load_config(run_dir / "config.yaml")
+    train(cfg, run_dir, resume=True)
+    assert_same_run(run_dir, uninterrupted)
+
+
+def test_sigterm_checkpoints_the_steps_done_and_resume_continues_exactly(uninterrupted,
+                                                                         tmp_path):
+    run_dir, log = tmp_path / "stopped", tmp_path / "stopped.log"
+    proc = _driver(run_dir, log)
+    try:
+        _wait_for_lines(proc, run_dir / "metrics.jsonl", 1, log)
+        proc.send_signal(signal.SIGTERM)  # what `ray job stop` sends first
+        status = proc.wait(timeout=120)
+    finally:
+        _kill_group(proc)
+    out = log.read_text()
+    assert status == 128 + signal.SIGTERM, out[-3000:]
+    assert "stopped by SIGTERM" in out and "--resume" in out
+    done = len(_lines(run_dir / "metrics.jsonl"))
+    assert 1 <= done < STEPS
+    # The checkpoint covers exactly the steps logged: nothing to cut, nothing missing.
+    assert latest_checkpoint(run_dir).name == f"step_{done:06d}"
+    train(load_config(run_dir / "config.yaml"), run_dir, resume=True)
+    assert_same_run(run_dir, uninterrupted)
+
+
+def _rollout_pids() -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if p.info["cmdline"] and p.info["cmdline"][0].startswith("ray::RolloutWorker")]
+
+
+def test_a_rollout_actor_killed_mid_run_is_restarted_and_nothing_is_lost(uninterrupted,
+                                                                         tmp_path):
+    cfg = load_config(REPO / "configs/tiny_solace.yaml",
+                      OVERRIDES + ["reward_pool.control_name=test-rel-rollout-kill"])
+    run_dir = tmp_path / "rollout-kill"
+    killed: list[int] = []
+
+    def operator():
+        deadline = time.monotonic() + 300
+        while len(_lines(run_dir / "metrics.jsonl")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pids = _rollout_pids()
+        if pids:
+            os.kill(pids[0], signal.SIGKILL)  # mid-run: step 2 or 3 is being sampled
+            killed.append(pids[0])
+
+    thread = threading.Thread(target=operator, daemon=True)
+    thread.start()
+    train(cfg, run_dir)
+    thread.join(timeout=30)
+    assert killed, "no rollout actor process was found to kill"
+    # The restarted actor sampled the lost call again, with its seeds and its weights.
+    assert_same_run(run_dir, uninterrupted)
+
+
+def test_restore_logs_cuts_back_to_the_checkpoint_and_a_fresh_start_clears(tmp_path):
+    for name in LOGS:
+        (tmp_path / name).write_text('{"step": 0}\n')
+    sizes = log_sizes(tmp_path)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 1}\n{"step": 2, "half')  # written after the checkpoint, cut short
+    restore_logs(tmp_path, sizes)
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 0}\n'
+    restore_logs(tmp_path, None)  # no checkpoint: the run starts from step 0
+    assert not any((tmp_path / name).exists() for name in LOGS)
+
+
+def test_the_first_signal_only_asks_to_stop():
+    with StopSignals(timeout_s=30) as stop:
+        assert not stop()
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while not stop() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert stop() and stop.exit_status == 143 and stop.name() == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_non_finite_advantage_stops_before_the_update_naming_the_reward():
+    rewards = {"self_confidence": np.array([0.1, 0.2]), "shapes": np.array([np.nan, 1.0])}
+    with pytest.raises(RuntimeError, match=r"step 3: 1 non-finite.*\['shapes'\]"):
+        check_finite_advantages(3, np.array([np.nan, 0.5]), rewards)
+    check_finite_advantages(3, np.array([0.1, -0.1]), rewards)  # finite: no error
+
+
+def test_every_reward_pool_reports_under_its_own_name():
+    class Pool:
+        def metrics(self):
+            return {"reward/pool/retries": 2.0, "reward/pool/size": 1}
+
+    assert pool_metrics("self_confidence", Pool()) == {"reward/pool/retries": 2.0,
+                                                       "reward/pool/size": 1}
+    assert pool_metrics("shapes", Pool()) == {"reward/shapes/pool/retries": 2.0,
+                                              "reward/shapes/pool/size": 1}
