@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from learner.prompts import read_utf8
 from policy.pipeline import LoraSpec
 from policy.sampler import SamplerSpec
 
@@ -21,19 +22,23 @@ HTTP_SCORER = "rewards.http:HttpScorer"  # the scorer of kind-http external rewa
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Every section: unknown keys fail, values are frozen, and no float field takes NaN or
+    an infinity (YAML reads ``.nan`` and ``.inf``; a NaN learning rate or weight would only
+    show up as NaN losses many minutes into the run)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
     path: str = Field(
-        "tiny-random",
+        "tiny-random", min_length=1,
         description="diffusers directory or hub id of an SD3 pipeline; 'tiny-random' builds "
         "the offline tiny random-weight pipeline of policy.tiny",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="dtype of the transformer weights (latents and log-probs stay fp32)"
     )
-    device: str = Field("cpu", description="torch device for the models, e.g. 'cpu' or 'cuda'")
+    device: str = Field("cpu", min_length=1, description="torch device for the models, e.g. 'cpu' or 'cuda'")
     max_sequence_length: int = Field(
         8, ge=1, description="T5 token slots of the joint text sequence (zeros when no T5 encoder)"
     )
@@ -199,12 +204,12 @@ class RewardPoolConfig(_Section):
     max_retries: int = Field(2, ge=0, description="retries of one group on other actors")
     max_restarts: int = Field(2, ge=0, description="Ray restarts of a reward actor")
     control_name: str = Field(
-        "solace-reward-pool", description="Ray name of the pool's size control (actors.scale)"
+        "solace-reward-pool", min_length=1, description="Ray name of the pool's size control (actors.scale)"
     )
 
 
 class ExternalRewardConfig(_Section):
-    name: str = Field(description="reward name in metrics and samples.jsonl")
+    name: str = Field(min_length=1, description="reward name in metrics and samples.jsonl")
     kind: Literal["actor", "http"] = Field(
         "actor", description="'actor': a scorer class run in the cluster (target); 'http': a "
         "reward server (python -m rewards.serve) at url, called from a client actor"
@@ -298,11 +303,22 @@ class RayConfig(_Section):
         None, description="cluster to join ('auto', 'ray://...'); null: RAY_ADDRESS or a new local instance"
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a new local instance (null: all)")
-    namespace: str = Field("solace", description="Ray namespace (actors.scale looks here)")
+    namespace: str = Field("solace", min_length=1,
+                           description="Ray namespace (actors.scale looks here)")
+    autoscaling: bool = Field(
+        False, description="the cluster starts nodes on demand (ray_cluster.yaml, KubeRay): "
+        "the start-up check then does not ask for the GPUs, CPUs and custom resources to be "
+        "there already; false: a run whose actors could never be placed fails at once"
+    )
 
 
 class MetricsConfig(_Section):
     port: int = Field(8000, ge=0, le=65535, description="Prometheus endpoint port; 0 disables it")
+    host: str = Field(
+        "127.0.0.1", min_length=1, description="address the Prometheus endpoint binds to: "
+        "127.0.0.1 serves this machine only; 0.0.0.0 exposes it to every interface, for a "
+        "Prometheus elsewhere in the cluster to scrape"
+    )
     grid_every: int = Field(10, ge=1, description="write a sample grid every N steps (and at the end)")
 
 
@@ -341,7 +357,7 @@ class TrainConfig(_Section):
         "file", description="'file': prompts drawn as often as the file holds them; "
         "'balanced': one prompt of each tag in turn (rows' 'tag' field)"
     )
-    out_dir: str = Field("runs", description="parent directory of run directories")
+    out_dir: str = Field("runs", min_length=1, description="parent directory of run directories")
     save_every: int = Field(10, ge=1, description="checkpoint every N steps (and at the end)")
     stop_timeout_s: float = Field(
         60.0, gt=0, description="after SIGTERM/SIGINT: how long the step in flight may take to "
@@ -351,7 +367,10 @@ class TrainConfig(_Section):
 
 
 class Config(_Section):
-    seed: int = Field(0, description="run seed: every sample, probe and init derives from it")
+    seed: int = Field(
+        0, ge=0, description="run seed: every sample, probe and init derives from it "
+        "(numpy's seeding takes no negative seed)"
+    )
     model: ModelConfig = ModelConfig()
     lora: LoraConfig = LoraConfig()
     sampler: SamplerConfig = SamplerConfig()
@@ -411,40 +430,162 @@ class Config(_Section):
 
 
 class ConfigError(ValueError):
-    """A configuration file or override that does not validate."""
+    """A configuration file or override that does not validate.
 
-
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    node = tree
-    for key in parents:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
-    node[leaf] = value
+    The message is printed as it is, without a traceback: one line per problem, naming the
+    dotted field (or ``file:line:column``) and where the bad value came from, the file or
+    the ``--set KEY=VALUE`` override.
+    """
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a YAML preset (or the defaults) and apply ``a.b=value`` overrides."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found; presets live in configs/")
-        tree = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} must look like section.field=value")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    tree: dict[str, Any] = {} if path is None else _read_preset(Path(path))
+    origins = _apply_overrides(tree, overrides)
     try:
         return Config.model_validate(tree)
     except ValidationError as e:
-        lines = [
-            f"  {'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
-            for err in e.errors()
-        ]
-        where = f" in {path}" if path else ""
-        raise ConfigError("invalid configuration" + where + ":\n" + "\n".join(lines)) from None
+        path = Path(path) if path is not None else None
+        lines = [_describe(err, path, origins) for err in e.errors()]
+        if len(lines) == 1:
+            raise ConfigError(f"invalid configuration: {lines[0]}") from None
+        raise ConfigError("invalid configuration:\n" + "\n".join(f"  {line}" for line in lines)
+                          ) from None
+
+
+# -- reading: file and overrides ---------------------------------------------------------
+
+
+def _read_preset(path: Path) -> dict[str, Any]:
+    """The mapping a YAML preset holds; a bad file is one line naming ``path:line:column``
+    (PyYAML's own error is a multi-line report with the offending text quoted)."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; presets live in configs/")
+    try:
+        text = read_utf8(path)
+    except ValueError as e:  # names path:line:column of the first bad byte
+        raise ConfigError(f"config file {e}") from None
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        line, column, problem = _yaml_problem(e, text)
+        raise ConfigError(f"config file {path}:{line}:{column}: not valid YAML: {problem}"
+                          ) from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level "
+                          f"(section: {{field: value}}), not a {type(tree).__name__}")
+    return tree
+
+
+def _yaml_problem(e: yaml.YAMLError, text: str) -> tuple[int, int, str]:
+    """``(line, column, what)`` of a PyYAML error, 1-based, in one line of words."""
+    if isinstance(e, yaml.reader.ReaderError):  # a control character, found by position
+        line = text.count("\n", 0, e.position) + 1
+        column = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
+        return line, column, f"character #x{e.character:04x} is not allowed"
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or " ".join(str(e).split())
+    context = getattr(e, "context", None)
+    if context:
+        problem = f"{problem} ({context})"
+    if mark is None:
+        return 1, 1, problem
+    return mark.line + 1, mark.column + 1, problem
+
+
+Origins = list[tuple[tuple[str, ...], str]]  # (dotted key as a path, the --set item), in order
+
+
+def _apply_overrides(tree: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> Origins:
+    """Set each ``key=value`` (the value read as YAML) into ``tree``.
+
+    Returns which override set which key, so that a value that fails validation is
+    reported as coming from its ``--set`` and not from the preset file.
+    """
+    origins: Origins = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r} must look like section.field=value, "
+                              "e.g. --set train.steps=5")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            _, column, problem = _yaml_problem(e, raw)
+            raise ConfigError(f"--set {item}: the value is not valid YAML (column {column} of "
+                              f"{raw!r}: {problem}); quote the whole KEY=VALUE for the shell "
+                              "when it holds spaces, brackets or braces") from None
+        _set_dotted(tree, key, value, item)
+        origins.append((tuple(key.split(".")), item))
+    return origins
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, item: str) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for depth, key in enumerate(parents):
+        if node.get(key) is None:  # absent, or an empty section in the file ("eval:")
+            node[key] = {}
+        node = node[key]
+        if not isinstance(node, dict):
+            section = ".".join(parents[:depth + 1])
+            raise ConfigError(f"--set {item}: {section} is not a section (it holds {node!r})")
+    node[leaf] = value
+
+
+# -- reporting validation errors ----------------------------------------------------------
+
+
+def _describe(err: Any, path: Path | None, origins: Origins) -> str:
+    """One pydantic error as ``field: what, got value (from where)``."""
+    loc = tuple(str(p) for p in err["loc"])
+    field = ".".join(loc)
+    if err["type"] == "extra_forbidden":
+        known = _known_fields(loc[:-1])
+        msg = "unknown field" + (f"; the fields here are {', '.join(known)}" if known else "")
+    else:
+        msg = err["msg"].removeprefix("Value error, ")
+        value = err.get("input")
+        if isinstance(value, str | int | float | bool) or value is None:
+            msg += f", got {_short(value)}"
+    if field and not msg.startswith(field):  # model validators name their fields themselves
+        msg = f"{field}: {msg}"
+    origin = _origin(loc, path, origins)
+    return f"{msg} ({origin})" if origin else msg
+
+
+def _origin(loc: tuple[str, ...], path: Path | None, origins: Origins) -> str:
+    """Where the value at ``loc`` came from: the last ``--set`` that covers it, else the
+    file (with the overrides inside the section, for a check over several fields)."""
+    covering = [item for key, item in origins if loc[:len(key)] == key]
+    if covering:
+        return f"from --set {covering[-1]}"
+    inside = [f"--set {item}" for key, item in origins if key[:len(loc)] == loc]
+    if path is None:
+        return f"from {', '.join(inside)}" if inside else ""
+    return f"in {path}" + (f" with {', '.join(inside)}" if inside else "")
+
+
+def _known_fields(loc: tuple[str, ...]) -> list[str]:
+    """The field names of the section at ``loc`` (list indices skipped), for a typo."""
+    model: Any = Config
+    for key in loc:
+        if key.isdigit():
+            continue
+        info = model.model_fields.get(key) if isinstance(model, type) else None
+        if info is None:
+            return []
+        model = info.annotation
+        if getattr(model, "__origin__", None) is tuple:  # tuple[ExternalRewardConfig, ...]
+            model = model.__args__[0]
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return []
+    return list(model.model_fields)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -47,6 +47,7 @@ from learner import evaluation
 from learner.config import SC, Config, ConfigError, load_config
 from learner.grpo import advantage_metrics, combine_advantages, shuffle_within_groups
 from learner.metrics import PrometheusMetrics
+from learner.preflight import PreflightError, check_cluster_resources, preflight
 from learner.prompts import PromptCursor, load_prompts
 from learner.rundir import (
     latest_checkpoint,
@@ -215,6 +216,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
     written first), :class:`RewardStopped` when a reward fails for good with
     ``on_failure: stop``, and :class:`RunFailed` on a fault the run cannot recover from.
     """
+    preflight(cfg)  # (main() ran it before Ray started; callers of train() get it here)
     rows = load_prompts(cfg.train.prompts)
     check_http_rewards(cfg)  # an unreachable server or a wrong token fails here, not mid-run
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -233,7 +235,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
         for v, flat in saved.get("stale_weights", {}).items():
             service.restore_weights(v, flat)
         print(f"resuming {run_dir} at step {start} from {ckpt.name}", flush=True)
-    metrics_server = PrometheusMetrics(cfg.metrics.port, list(service.pools))
+    metrics_server = PrometheusMetrics(cfg.metrics.port, list(service.pools),
+                                       host=cfg.metrics.host)
     version = start  # weight version v = optimizer steps taken
     service.publish(version)
     names = list(service.pools)
@@ -448,12 +451,20 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--resume {args.resume}: no run there (a run directory holds the "
                      "config.yaml that learner.main wrote); give the directory a run printed")
     config_path = args.resume / "config.yaml" if args.resume else args.config or DEFAULT_CONFIG
-    try:
-        cfg = load_config(config_path, args.overrides)  # fails here, before any actor starts
-    except ConfigError as e:
-        parser.error(str(e))
+    try:  # bad input fails here, before Ray or any actor starts: one message, status 2
+        cfg = load_config(config_path, args.overrides)
+        preflight(cfg)
+    except (ConfigError, PreflightError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     run_dir = args.resume or args.run_dir or Path(cfg.train.out_dir) / time.strftime("%Y%m%d-%H%M%S")
     init_ray(cfg, args.address)
+    try:
+        check_cluster_resources(cfg, ray.cluster_resources())
+    except PreflightError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        ray.shutdown()
+        sys.exit(2)
     try:
         train(cfg, run_dir, resume=bool(args.resume))
     except RunStopped as e:  # a signal: checkpointed, resumable

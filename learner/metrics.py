@@ -1,7 +1,8 @@
 """The driver's Prometheus endpoint: the step's metrics as gauges, counters and a histogram.
 
 Names match deploy/grafana-dashboard.json. The server is prometheus-client's own HTTP
-server on ``metrics.port`` (0 disables it); each step's flat metrics dict updates it.
+server on ``metrics.host:metrics.port`` (port 0 disables it); each step's flat metrics
+dict updates it.
 """
 
 from __future__ import annotations
@@ -13,9 +14,14 @@ PHASES = {"rollout": "timing/wait_scores_s", "update": "timing/update_s",
 
 
 class PrometheusMetrics:
-    """Serves the run's metrics on ``port`` (nothing at all when ``port == 0``)."""
+    """Serves the run's metrics on ``host:port`` (nothing at all when ``port == 0``).
 
-    def __init__(self, port: int, reward_names: list[str]):
+    ``host`` defaults to 127.0.0.1: prometheus-client's own default, 0.0.0.0, would expose
+    the endpoint on every interface; a cluster run that is scraped from another machine
+    asks for 0.0.0.0 in its config (``metrics.host``).
+    """
+
+    def __init__(self, port: int, reward_names: list[str], host: str = "127.0.0.1"):
         self.enabled = port != 0
         self.registry = CollectorRegistry()  # private: tests may start several runs
         r = self.registry
@@ -35,8 +41,9 @@ class PrometheusMetrics:
         self.eval = Gauge("solace_eval", "held-out evaluation of the latest weights", ["metric"],
                           registry=r)
         self.reward_names = reward_names
+        self.server = None  # (server, thread) of the endpoint while it serves
         if self.enabled:
-            start_http_server(port, registry=self.registry)
+            self.server = start_http_server(port, addr=host, registry=self.registry)
 
     def drop_reward(self, name: str) -> None:
         """Stop reporting reward ``name`` (dropped mid-run): its series goes, not stays stale."""

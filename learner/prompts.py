@@ -2,30 +2,60 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 from pathlib import Path
 
 import numpy as np
 
 
-def load_prompts(path: str | Path) -> list[dict]:
-    """Read a jsonl file of metadata rows, each with at least a ``"prompt"`` string."""
+def read_utf8(path: str | Path) -> str:
+    """The text of ``path``, or a ValueError naming ``path:line:column`` of the first byte
+    that is not UTF-8: a bare UnicodeDecodeError gives a byte offset nobody can find.
+
+    A UTF-8 byte-order mark at the start is dropped (editors on Windows write one).
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[start:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad = start + e.start
+        line_start = data.rfind(b"\n", 0, bad) + 1
+        line = data.count(b"\n", 0, bad) + 1
+        column = len(data[max(line_start, start):bad].decode("utf-8")) + 1
+        raise ValueError(f"{path}:{line}:{column}: not UTF-8 (byte 0x{data[bad]:02x}); "
+                         "save the file as UTF-8") from None
+
+
+def load_prompts(path: str | Path, *, field: str = "train.prompts") -> list[dict]:
+    """Read a jsonl file of metadata rows, each with at least a ``"prompt"`` string.
+
+    Every problem is a FileNotFoundError or ValueError whose message starts with
+    ``path:line:`` (``field`` names the config field that points here), so the run can
+    fail before it starts with one line that says where to look.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} not found (set train.prompts to a jsonl file)")
+        what = "is a directory" if path.is_dir() else "not found"
+        raise FileNotFoundError(f"prompt file {path} {what} (set {field} to a jsonl file)")
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
+    # split("\n"), not splitlines(): JSON strings may hold U+2028 and other characters
+    # that splitlines() breaks on, which would cut a row in two and shift every line number.
+    for n, line in enumerate(read_utf8(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             raise ValueError(f"{path}:{n}: each line must be an object with a 'prompt' string")
         rows.append(row)
     if not rows:
-        raise ValueError(f"prompt file {path} holds no prompts")
+        raise ValueError(f"{path}: prompt file holds no prompts (set {field} to a jsonl file "
+                         "with one {\"prompt\": ...} object per line)")
     return rows
 
 

@@ -6,6 +6,7 @@ Runs use ``max_staleness: 1`` (the default), the case where a checkpoint must al
 the step sampled ahead: its prompts and the older weights it was sampled with.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -25,7 +26,7 @@ from learner.rundir import LOGS, log_sizes, restore_logs
 from learner.stopping import StopSignals
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 6
+STEPS = 4
 OVERRIDES = [
     "model.path=tiny-random", "grpo.group_size=4", "grpo.prompts_per_step=2",
     "grpo.micro_batch=8", "sampler.num_steps=6", "self_confidence.num_probes=4",
@@ -81,14 +82,17 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
             assert row[k] == pytest.approx(v, rel=1e-6, abs=1e-7), (key(row), k)
 
 
-def _driver(run_dir: Path, log: Path) -> subprocess.Popen:
+def _driver(run_dir: Path, log: Path, resume: bool = False) -> subprocess.Popen:
     """``python -m learner.main`` as an operator starts it, on its own local Ray."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = str(REPO)
-    args = [sys.executable, "-m", "learner.main", "--config", "configs/tiny_solace.yaml",
-            "--run-dir", str(run_dir)]
-    for item in OVERRIDES + [f"reward_pool.control_name=test-rel-{run_dir.name}"]:
-        args += ["--set", item]
+    args = [sys.executable, "-m", "learner.main"]
+    if resume:
+        args += ["--resume", str(run_dir)]
+    else:
+        args += ["--config", "configs/tiny_solace.yaml", "--run-dir", str(run_dir)]
+        for item in OVERRIDES + [f"reward_pool.control_name=test-rel-{run_dir.name}"]:
+            args += ["--set", item]
     return subprocess.Popen(args, cwd=REPO, env=env, stdout=log.open("w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -99,41 +103,24 @@ def _wait_for_lines(proc: subprocess.Popen, path: Path, n: int, log: Path,
     while len(_lines(path)) < n:
         assert proc.poll() is None, f"the driver ended early:\n{log.read_text()[-3000:]}"
         assert time.monotonic() < deadline, f"no {n} lines in {path}:\n{log.read_text()[-3000:]}"
-        time.sleep(0.1)
+        time.sleep(0.05)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
     """The driver's session: its local Ray's processes too, so none outlives the test."""
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     proc.wait(timeout=60)
 
 
-def test_sigkill_then_resume_gives_the_uninterrupted_run(uninterrupted, tmp_path):
-    run_dir, log = tmp_path / "killed", tmp_path / "killed.log"
+def test_sigterm_then_sigkill_then_resume_gives_the_uninterrupted_run(uninterrupted, tmp_path):
+    """Stopped by SIGTERM, resumed and killed by SIGKILL, resumed again: the run's metrics
+    and samples are the uninterrupted run's, step for step, each sample exactly once."""
+    run_dir, log = tmp_path / "faulty", tmp_path / "driver.log"
+    metrics = run_dir / "metrics.jsonl"
     proc = _driver(run_dir, log)
     try:
-        # Step 2 logged, its checkpoint (every 2 steps) not yet due: lines past the
-        # step-2 checkpoint exist when the driver dies.
-        _wait_for_lines(proc, run_dir / "metrics.jsonl", 3, log)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        _kill_group(proc)
-    assert latest_checkpoint(run_dir) is not None
-    cfg = load_config(run_dir / "config.yaml")
-    train(cfg, run_dir, resume=True)
-    assert_same_run(run_dir, uninterrupted)
-
-
-def test_sigterm_checkpoints_the_steps_done_and_resume_continues_exactly(uninterrupted,
-                                                                         tmp_path):
-    run_dir, log = tmp_path / "stopped", tmp_path / "stopped.log"
-    proc = _driver(run_dir, log)
-    try:
-        _wait_for_lines(proc, run_dir / "metrics.jsonl", 1, log)
+        _wait_for_lines(proc, metrics, 1, log)
         proc.send_signal(signal.SIGTERM)  # what `ray job stop` sends first
         status = proc.wait(timeout=120)
     finally:
@@ -141,10 +128,20 @@ def test_sigterm_checkpoints_the_steps_done_and_resume_continues_exactly(uninter
     out = log.read_text()
     assert status == 128 + signal.SIGTERM, out[-3000:]
     assert "stopped by SIGTERM" in out and "--resume" in out
-    done = len(_lines(run_dir / "metrics.jsonl"))
+    done = len(_lines(metrics))
     assert 1 <= done < STEPS
     # The checkpoint covers exactly the steps logged: nothing to cut, nothing missing.
     assert latest_checkpoint(run_dir).name == f"step_{done:06d}"
+
+    proc = _driver(run_dir, log, resume=True)
+    try:
+        # Step 2 logged, the next checkpoint (every 2 steps) not yet written: the log holds
+        # lines past the last checkpoint when the driver dies.
+        _wait_for_lines(proc, metrics, 3, log)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        _kill_group(proc)
     train(load_config(run_dir / "config.yaml"), run_dir, resume=True)
     assert_same_run(run_dir, uninterrupted)
 
@@ -165,11 +162,11 @@ def test_a_rollout_actor_killed_mid_run_is_restarted_and_nothing_is_lost(uninter
 
     def operator():
         deadline = time.monotonic() + 300
-        while len(_lines(run_dir / "metrics.jsonl")) < 2 and time.monotonic() < deadline:
+        while len(_lines(run_dir / "metrics.jsonl")) < 1 and time.monotonic() < deadline:
             time.sleep(0.05)
         pids = _rollout_pids()
         if pids:
-            os.kill(pids[0], signal.SIGKILL)  # mid-run: step 2 or 3 is being sampled
+            os.kill(pids[0], signal.SIGKILL)  # mid-run: step 1 or 2 is being sampled
             killed.append(pids[0])
 
     thread = threading.Thread(target=operator, daemon=True)
@@ -194,6 +191,7 @@ def test_restore_logs_cuts_back_to_the_checkpoint_and_a_fresh_start_clears(tmp_p
 
 
 def test_the_first_signal_only_asks_to_stop():
+    before = signal.getsignal(signal.SIGTERM)
     with StopSignals(timeout_s=30) as stop:
         assert not stop()
         os.kill(os.getpid(), signal.SIGTERM)
@@ -201,7 +199,7 @@ def test_the_first_signal_only_asks_to_stop():
         while not stop() and time.monotonic() < deadline:
             time.sleep(0.01)
         assert stop() and stop.exit_status == 143 and stop.name() == "SIGTERM"
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler goes with the block
 
 
 def test_a_non_finite_advantage_stops_before_the_update_naming_the_reward():
@@ -220,3 +218,55 @@ def test_every_reward_pool_reports_under_its_own_name():
                                                        "reward/pool/size": 1}
     assert pool_metrics("shapes", Pool()) == {"reward/shapes/pool/retries": 2.0,
                                               "reward/shapes/pool/size": 1}
+
+
+BAD_INPUTS = """
+import contextlib, io, json, sys
+import ray
+from learner.main import main
+out = {}
+for case, args in json.loads(sys.argv[1]).items():
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            main(args)
+            status = 0
+        except SystemExit as e:
+            status = e.code
+        except BaseException as e:  # a traceback the user would have seen
+            status, err = -1, io.StringIO(f"Traceback: {type(e).__name__}: {e}")
+    out[case] = {"status": status, "stderr": err.getvalue(), "ray": ray.is_initialized()}
+print(json.dumps(out))
+"""
+
+
+def test_bad_input_is_one_plain_message_and_status_2_before_ray(tmp_path):
+    """Each bad input: exit 2, a message naming the field or file:line and the fix, no
+    traceback, and Ray never started (one interpreter runs every case, in turn)."""
+    import socket
+
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_bytes(b'{"prompt": "a red circle"}\n{"prompt": "caf\xe9"}\n')  # Latin-1
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    cases = {
+        "model": (["--set", f"model.path={tmp_path / 'nowhere'}"], "model.path"),
+        "prompts": (["--set", f"train.prompts={bad}"], f"{bad}:2"),
+        "resume": (["--resume", str(tmp_path)], "no run there"),
+        "port": (["--set", f"metrics.port={port}"], "metrics.port"),
+        "nan": (["--set", "self_confidence.weight=.nan"], "self_confidence.weight"),
+        "seed": (["--set", "seed=-5"], "seed"),
+    }
+    run = subprocess.run(
+        [sys.executable, "-c", BAD_INPUTS, json.dumps({k: a for k, (a, _) in cases.items()})],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    taken.close()
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    for case, (_, expect) in cases.items():
+        got = results[case]
+        assert got["status"] == 2, (case, got)
+        assert expect in got["stderr"] and "Traceback" not in got["stderr"], (case, got)
+        assert not got["ray"], (case, "Ray was started")
