@@ -423,7 +423,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
     except (RolloutFailure, StepTimeout, NonFinite, ray.exceptions.RayError) as e:
         path = None if updating else try_checkpoint(checkpoint, steps_done)
         path = path or latest_checkpoint(run_dir)
-        where = f"during the update of step {steps_done}" if updating else f"after {steps_done} steps"
+        where = (f"during the learner's (DeepSpeed ranks') update of step {steps_done}"
+                 if updating else f"after {steps_done} steps")
         raise RunFailed(
             f"{type(e).__name__} {where}: {first_line(e)}\n"
             + (f"checkpoint {path} stands; continue with `python -m learner.main --resume "

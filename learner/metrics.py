@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from learner.config import SC
+
 PHASES = {"rollout": "timing/wait_scores_s", "update": "timing/update_s",
           "publish": "timing/publish_s"}
 
@@ -38,6 +40,10 @@ class PrometheusMetrics:
         self.queue = Gauge("solace_queue_depth", "steps sampling ahead of the learner", registry=r)
         self.alive = Gauge("solace_reward_actors_alive", "self-confidence actors alive", registry=r)
         self.phase = Gauge("solace_step_seconds", "seconds per phase of the step", ["phase"], registry=r)
+        self.pool = Gauge("solace_reward_pool", "a reward pool's counters since the run started "
+                          "(submitted, completed, failed, retries, timeouts, actor_errors, "
+                          "scorer_errors, ...) and its size, alive and pending",
+                          ["reward", "counter"], registry=r)
         self.eval = Gauge("solace_eval", "held-out evaluation of the latest weights", ["metric"],
                           registry=r)
         self.reward_names = reward_names
@@ -65,6 +71,11 @@ class PrometheusMetrics:
         self.alive.set(m.get("reward/pool/alive", 0.0))
         for phase, key in PHASES.items():
             self.phase.labels(phase=phase).set(m[key])
+        for key, value in m.items():  # reward/pool/* (self-confidence), reward/<name>/pool/*
+            parts = key.split("/")
+            if parts[0] == "reward" and "pool" in parts[1:3] and len(parts) in (3, 4):
+                reward = SC if parts[1] == "pool" else parts[1]
+                self.pool.labels(reward=reward, counter=parts[-1]).set(value)
 
     def update_eval(self, summary: dict[str, float]) -> None:
         """The latest held-out evaluation, one series per ``eval/...`` metric."""

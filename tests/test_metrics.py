@@ -29,3 +29,14 @@ def test_the_latest_evaluation_is_served_one_series_per_metric():
     served = {s.labels["metric"]: s.value for metric in m.registry.collect()
               if metric.name == "solace_eval" for s in metric.samples}
     assert served == {"shapes/strict": 0.40, "self_confidence/mean": -0.08}
+
+
+def test_every_reward_pool_is_served_with_its_counters():
+    m = PrometheusMetrics(0, ["self_confidence", "shapes"])
+    m.update(STEP | {"reward/self_confidence/mean": -0.1, "reward/shapes/mean": 0.4,
+                     "reward/pool/retries": 1.0, "reward/pool/alive": 2,
+                     "reward/shapes/pool/scorer_errors": 3.0, "reward/shapes/pool/timeouts": 0.0})
+    served = {(s.labels["reward"], s.labels["counter"]): s.value for metric in m.registry.collect()
+              if metric.name == "solace_reward_pool" for s in metric.samples}
+    assert served == {("self_confidence", "retries"): 1.0, ("self_confidence", "alive"): 2,
+                      ("shapes", "scorer_errors"): 3.0, ("shapes", "timeouts"): 0.0}

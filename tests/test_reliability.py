@@ -21,7 +21,13 @@ import pytest
 import ray
 
 from learner.config import load_config
-from learner.main import check_finite_advantages, latest_checkpoint, pool_metrics, train
+from learner.main import (
+    RunFailed,
+    check_finite_advantages,
+    latest_checkpoint,
+    pool_metrics,
+    train,
+)
 from learner.rundir import LOGS, log_sizes, restore_logs
 from learner.stopping import StopSignals
 
@@ -146,35 +152,46 @@ def test_sigterm_then_sigkill_then_resume_gives_the_uninterrupted_run(uninterrup
     assert_same_run(run_dir, uninterrupted)
 
 
-def _rollout_pids() -> list[int]:
+def _pids(title: str) -> list[int]:
+    """PIDs of live actors, found by the process title Ray gives them."""
     import psutil
 
     return [p.pid for p in psutil.process_iter(["cmdline"])
-            if p.info["cmdline"] and p.info["cmdline"][0].startswith("ray::RolloutWorker")]
+            if p.info["cmdline"] and p.info["cmdline"][0].startswith(f"ray::{title}")]
 
 
-def test_a_rollout_actor_killed_mid_run_is_restarted_and_nothing_is_lost(uninterrupted,
-                                                                         tmp_path):
+def test_a_rollout_actor_killed_is_restarted_and_a_dead_learner_stops_resumably(uninterrupted,
+                                                                               tmp_path):
+    """A rollout actor dies mid-run: it is restarted and the lost call sampled again, so
+    the run goes on with nothing lost. Then the DeepSpeed rank dies: the run stops with a
+    message naming the update and the checkpoint that stands, and ``--resume`` from it
+    ends with the uninterrupted run's numbers."""
     cfg = load_config(REPO / "configs/tiny_solace.yaml",
-                      OVERRIDES + ["reward_pool.control_name=test-rel-rollout-kill"])
-    run_dir = tmp_path / "rollout-kill"
-    killed: list[int] = []
+                      OVERRIDES + ["reward_pool.control_name=test-rel-actor-kill"])
+    run_dir = tmp_path / "actor-kill"
+    killed: dict[str, int] = {}
 
     def operator():
-        deadline = time.monotonic() + 300
-        while len(_lines(run_dir / "metrics.jsonl")) < 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        pids = _rollout_pids()
-        if pids:
-            os.kill(pids[0], signal.SIGKILL)  # mid-run: step 1 or 2 is being sampled
-            killed.append(pids[0])
+        for lines, title in ((1, "RolloutWorker"), (2, "LearnerRank")):
+            deadline = time.monotonic() + 300
+            while len(_lines(run_dir / "metrics.jsonl")) < lines and time.monotonic() < deadline:
+                time.sleep(0.05)
+            pids = _pids(title)
+            if pids:
+                os.kill(pids[0], signal.SIGKILL)
+                killed[title] = pids[0]
 
     thread = threading.Thread(target=operator, daemon=True)
     thread.start()
-    train(cfg, run_dir)
+    with pytest.raises(RunFailed) as failed:
+        train(cfg, run_dir)
     thread.join(timeout=30)
-    assert killed, "no rollout actor process was found to kill"
-    # The restarted actor sampled the lost call again, with its seeds and its weights.
+    assert set(killed) == {"RolloutWorker", "LearnerRank"}, killed
+    message = str(failed.value)
+    assert "learner" in message and "--resume" in message and "checkpoint" in message, message
+    # Steps 0-1 went through the rollout actor's death; the learner's took step 2 or 3.
+    assert len(_lines(run_dir / "metrics.jsonl")) >= 2
+    train(load_config(run_dir / "config.yaml"), run_dir, resume=True)
     assert_same_run(run_dir, uninterrupted)
 
 
