@@ -43,7 +43,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from learner import evaluation
+from learner import evaluation, reaper
 from learner.config import SC, Config, ConfigError, load_config
 from learner.grpo import advantage_metrics, combine_advantages, shuffle_within_groups
 from learner.metrics import PrometheusMetrics
@@ -138,6 +138,7 @@ def init_ray(cfg: Config, address: str | None) -> None:
     else:  # "local" never attaches to a cluster that happens to run on this machine
         ray.init(address="local", num_cpus=cfg.ray.num_cpus or local_cpus(cfg),
                  namespace=cfg.ray.namespace, include_dashboard=False)
+        reaper.start()  # if this process is SIGKILLed, the instance's agents go with it
 
 
 def local_cpus(cfg: Config) -> int:

@@ -119,6 +119,18 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait(timeout=60)
 
 
+def _session_processes(sid: int) -> list[str]:
+    """Live processes of the session ``sid`` (a driver started with start_new_session)."""
+    import psutil
+
+    out = []
+    for p in psutil.process_iter(["name", "status"]):
+        with contextlib.suppress(OSError, psutil.Error):
+            if os.getsid(p.pid) == sid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                out.append(f"{p.pid} {p.info['name']}")
+    return out
+
+
 def test_sigterm_then_sigkill_then_resume_gives_the_uninterrupted_run(uninterrupted, tmp_path):
     """Stopped by SIGTERM, resumed and killed by SIGKILL, resumed again: the run's metrics
     and samples are the uninterrupted run's, step for step, each sample exactly once."""
@@ -144,8 +156,13 @@ def test_sigterm_then_sigkill_then_resume_gives_the_uninterrupted_run(uninterrup
         # Step 2 logged, the next checkpoint (every 2 steps) not yet written: the log holds
         # lines past the last checkpoint when the driver dies.
         _wait_for_lines(proc, metrics, 3, log)
-        os.kill(proc.pid, signal.SIGKILL)
+        os.kill(proc.pid, signal.SIGKILL)  # the driver alone, as the OOM killer would
         proc.wait(timeout=60)
+        # Its local Ray goes with it (learner.reaper): no agent or actor left running.
+        deadline = time.monotonic() + 30
+        while _session_processes(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _session_processes(proc.pid), _session_processes(proc.pid)
     finally:
         _kill_group(proc)
     train(load_config(run_dir / "config.yaml"), run_dir, resume=True)
@@ -287,3 +304,25 @@ def test_bad_input_is_one_plain_message_and_status_2_before_ray(tmp_path):
         assert got["status"] == 2, (case, got)
         assert expect in got["stderr"] and "Traceback" not in got["stderr"], (case, got)
         assert not got["ray"], (case, "Ray was started")
+
+
+def test_the_reaper_kills_what_a_dead_driver_leaves_behind():
+    """A stand-in driver starts a child that outlives it (as Ray's agents outlive a
+    SIGKILLed driver); once the driver is gone, learner.reaper kills the child."""
+    from learner import reaper
+
+    driver = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'],"
+        " start_new_session=True)\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(600)\n")], stdout=subprocess.PIPE, text=True)
+    child = int(driver.stdout.readline())
+    watcher = reaper.start(driver.pid)
+    time.sleep(2.5)  # the watcher notes the child
+    driver.kill()
+    driver.wait()
+    watcher.wait(timeout=30)
+    import psutil
+
+    assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
