@@ -7,14 +7,16 @@ latents with its own VAE and sends PNGs to the server.
 
 Failure policy of one call:
 
-* timeouts, connection errors and 5xx answers are retried ``max_retries`` times, after
-  ``backoff_s``, ``2 backoff_s``, ``4 backoff_s``, ... seconds; then
-  :class:`RewardUnavailable`;
-* a 4xx (or 3xx) answer is raised at once as :class:`RewardRejected` with the server's
-  message: the same request would be refused again;
+* timeouts, connection errors, 5xx answers and 408 (the server timed out reading the
+  body: a slow network) are retried ``max_retries`` times, after ``backoff_s``,
+  ``2 backoff_s``, ``4 backoff_s``, ... seconds; then :class:`RewardUnavailable`;
+* any other 4xx (or 3xx) answer is raised at once as :class:`RewardRejected` naming the
+  server, the status and the server's message (e.g. 422: the scorer refused a metadata
+  row; 413: too many pixels): the same request would be refused again. It does not count
+  against the circuit: the server answered, so it is up, and the next call is let through;
 * after ``circuit_failures`` calls in a row that ended in ``RewardUnavailable`` the circuit
   opens: calls fail at once (``RewardUnavailable`` naming the URL) for ``circuit_reset_s``
-  seconds; then one call is let through, and a success closes the circuit.
+  seconds; then one call is let through, and a success (or a refusal) closes the circuit.
 
 Worst case of one call: ``(max_retries + 1) timeout_s + backoff_s (2^max_retries - 1)``
 seconds (``timeout_s`` bounds each socket operation). The token is read from the
@@ -37,10 +39,19 @@ from urllib.parse import urlsplit
 import numpy as np
 from pydantic import ValidationError
 
-from rewards.wire import Health, ScoreResponse, describe_validation_error, encode_png, reward_array
+from rewards.wire import (
+    Health,
+    ScoreResponse,
+    clip,
+    describe_validation_error,
+    encode_png,
+    reward_array,
+)
 
 logger = logging.getLogger(__name__)
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
+_TRANSIENT_4XX = (408, 429)  # a slow upload, a busy server: asking again may succeed
+MESSAGE_CHARS = 300  # of the server's error message, in exceptions and logs
 
 
 class RewardUnavailable(RuntimeError):
@@ -149,7 +160,10 @@ class HttpScorer:
                 self._failures, self._opened_at = 0, None
                 return data
             message = _server_message(data)
-            if status < 500:  # 3xx and 4xx: asking again would get the same answer
+            if status < 500 and status not in _TRANSIENT_4XX:
+                # 3xx and 4xx: asking again would get the same answer. The server is up,
+                # so the circuit closes: a bad request must not make good ones fail fast.
+                self._failures, self._opened_at = 0, None
                 raise RewardRejected(self._rejection(status, path, message), status)
             self._last_error = f"HTTP {status}: {message}"
         self._failures += 1
@@ -230,7 +244,8 @@ def _tls_context(verify: bool | str) -> ssl.SSLContext:
 
 
 def _server_message(data: bytes) -> str:
+    """The ``error`` of a JSON error body, else the body's start; clipped either way."""
     try:
-        return str(json.loads(data)["error"])
+        return clip(json.loads(data)["error"], MESSAGE_CHARS)
     except (ValueError, KeyError, TypeError):
-        return data[:300].decode("utf-8", "replace").strip() or "(empty body)"
+        return data[:MESSAGE_CHARS].decode("utf-8", "replace").strip() or "(empty body)"

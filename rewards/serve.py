@@ -2,27 +2,35 @@
 
     SOLACE_REWARD_TOKEN=... python -m rewards.serve --scorer rewards.shapes:ShapesReward \\
         --port 8765 --token-env SOLACE_REWARD_TOKEN [--kwargs JSON] [--host 127.0.0.1]
-        [--token-file F] [--cert C --key K] [--max-batch 64] [--max-body-mb 32] [--max-wait-ms 5]
+        [--token-file F] [--cert C --key K] [--max-batch 64] [--max-body-mb 32]
+        [--max-wait-ms 5] [--max-pixels-per-request 67108864] [--body-timeout-s 60]
 
 Routes (``rewards/wire.py`` has the JSON schema):
 
-* ``POST /score``: score images; 200 with scores, 400 (not JSON), 401 (token), 413 (body
-  over ``--max-body-mb``), 415 (not ``application/json``), 422 (schema, naming the field),
-  500 (the scorer raised; the server keeps serving).
+* ``POST /score``: score images; 200 with scores, 400 (not JSON, or an unparsable HTTP
+  request), 401 (token), 408 (the body did not arrive within ``--body-timeout-s``), 413
+  (body over ``--max-body-mb``, refused from its ``Content-Length`` before reading; or
+  images over ``--max-pixels-per-request`` or ``wire.MAX_IMAGE_PIXELS`` per image), 415
+  (not ``application/json``), 422 (schema, naming the field; non-finite numbers anywhere;
+  or the scorer refused the input, raising ``ValueError``/``KeyError``/``TypeError``), 431
+  (a header over ``serve_app.MAX_HEADER_BYTES``), 500 (the scorer raised anything else; the
+  server keeps serving). Clients retry 5xx only.
 * ``GET /health``: the scorer's name and version and counters. It needs the token too, so
   a client's preflight checks its token.
 
-Security: every request must carry ``Authorization: Bearer <token>`` (compared with
-``hmac.compare_digest``); the server refuses to start without a token unless given
+Security: every request must carry ``Authorization: Bearer <token>`` (compared as bytes
+with ``hmac.compare_digest``); the server refuses to start without a token unless given
 ``--insecure-no-token``. Bodies are parsed as JSON with a strict schema, never unpickled
 (DESIGN.md trap 9). ``--cert``/``--key`` serve HTTPS. PNG sizes are checked from their
-headers before decoding (``wire.MAX_IMAGE_PIXELS``).
+headers, for all images of a request, before any pixel is decoded. No log line or error
+body holds the token, or more than ``wire.CLIP_CHARS`` characters of any input.
 
-Batching: handlers validate and decode, then queue their images; one batching task takes
-queued requests (same image size, up to ``--max-batch`` images, waiting at most
-``--max-wait-ms`` for more after the first) and runs the scorer on one thread, so the event
-loop keeps accepting and decoding meanwhile. When a batched call raises, each request of
-it is scored alone, so one bad request fails only itself.
+Batching: handlers validate and decode (on decoding threads, so the event loop keeps
+answering ``/health`` while 4 images of 4096x4096 decode), then queue their images in chunks
+of at most ``--max-batch``; one batching task takes queued chunks (same image size, up to
+``--max-batch`` images, waiting at most ``--max-wait-ms`` for more after the first) and runs
+the scorer on one thread. When a batched call raises, each chunk of it is scored alone, so
+one bad request fails only itself.
 
 The app is ``rewards.serve_app``, the batcher ``rewards.serve_batch``; this module holds the
 CLI, the token, and the in-thread and child-process servers for tests and benchmarks.
@@ -36,6 +44,7 @@ import hashlib
 import inspect
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -52,8 +61,8 @@ from typing import Any
 
 from aiohttp import web
 
-from rewards.serve_app import make_app
-from rewards.wire import import_scorer
+from rewards.serve_app import MAX_TOKEN_CHARS, AppRunner, make_app
+from rewards.wire import MAX_REQUEST_PIXELS, import_scorer
 
 logger = logging.getLogger("rewards.serve")
 READY_LINE = "rewards.serve listening on "  # ServerProcess waits for this line on stdout
@@ -88,12 +97,38 @@ def read_token(token_file: str | None, token_env: str | None) -> str | None:
         return None
     if not token:
         raise SystemExit(f"{source}: the token is empty")
+    if len(token) > MAX_TOKEN_CHARS:  # it could not fit the server's header limit
+        raise SystemExit(f"{source}: the token has {len(token)} characters, more than "
+                         f"{MAX_TOKEN_CHARS}")
     return token
+
+
+def _number(kind: type, minimum: float, inclusive: bool):
+    """An argparse ``type``: a finite ``kind`` above ``minimum`` (or at it, if inclusive).
+
+    argparse then names the flag in its one-line error: ``float("nan")`` parses, and would
+    otherwise end in a traceback far from the command line.
+    """
+    bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
+
+    def parse(text: str) -> float | int:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or (kind is float and not math.isfinite(value)) or value < minimum or (
+                value == minimum and not inclusive):
+            raise argparse.ArgumentTypeError(
+                f"must be a finite {'integer' if kind is int else 'number'} {bound}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse's message for a failed type names it
+    return parse
 
 
 async def _start(app: web.Application, sock: socket.socket,
                  ssl_context: ssl.SSLContext | None) -> web.AppRunner:
-    runner = web.AppRunner(app, access_log=None)  # a log line per request costs ~10 % throughput
+    runner = AppRunner(app)  # no access log, the header limit, quiet answers to bad requests
     await runner.setup()
     await web.SockSite(runner, sock, ssl_context=ssl_context).start()
     return runner
@@ -123,16 +158,22 @@ def main(argv: list[str] | None = None) -> None:
                    help="serve without a token (anyone who can connect may use the scorer)")
     p.add_argument("--cert", help="TLS certificate chain (PEM); with --key, serve HTTPS")
     p.add_argument("--key", help="TLS private key (PEM)")
-    p.add_argument("--max-batch", type=int, default=64, help="images per scorer call at most")
-    p.add_argument("--max-body-mb", type=float, default=32.0, help="request body limit (413 above)")
-    p.add_argument("--max-wait-ms", type=float, default=5.0,
+    p.add_argument("--max-batch", type=_number(int, 1, True), default=64,
+                   help="images per scorer call at most (larger requests are split)")
+    p.add_argument("--max-body-mb", type=_number(float, 0, False), default=32.0,
+                   help="request body limit (413 above)")
+    p.add_argument("--max-wait-ms", type=_number(float, 0, True), default=5.0,
                    help="how long a batch waits for more requests after its first")
+    p.add_argument("--max-pixels-per-request", type=_number(int, 1, True),
+                   default=MAX_REQUEST_PIXELS,
+                   help="pixels of all images of one request at most (413 above; default "
+                        "4 images of 4096x4096)")
+    p.add_argument("--body-timeout-s", type=_number(float, 0, False), default=60.0,
+                   help="seconds to receive a request's body (408 after)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if bool(args.cert) != bool(args.key):
         p.error("--cert and --key go together")
-    if args.max_batch < 1 or args.max_body_mb <= 0 or args.max_wait_ms < 0:
-        p.error("need --max-batch >= 1, --max-body-mb > 0 and --max-wait-ms >= 0")
     token = read_token(args.token_file, args.token_env)
     if token is None:
         if not args.insecure_no_token:
@@ -156,11 +197,15 @@ def main(argv: list[str] | None = None) -> None:
     host, port = sock.getsockname()[:2]
     host = f"[{host}]" if family == socket.AF_INET6 else host
     url = f"{'https' if ssl_context else 'http'}://{host}:{port}"
-    logger.info("serving %s (version %s), max batch %d images, body limit %.0f MB",
-                args.scorer, scorer_version(scorer), args.max_batch, args.max_body_mb)
+    logger.info("serving %s (version %s), max batch %d images, body limit %g MB, "
+                "%d pixels per request, body timeout %g s", args.scorer, scorer_version(scorer),
+                args.max_batch, args.max_body_mb, args.max_pixels_per_request,
+                args.body_timeout_s)
     app = make_app(scorer, args.scorer, scorer_version(scorer), token, max_batch=args.max_batch,
-                   max_body_bytes=int(args.max_body_mb * (1 << 20)),
-                   max_wait_s=args.max_wait_ms / 1000)
+                   max_body_bytes=max(1, int(args.max_body_mb * (1 << 20))),
+                   max_wait_s=args.max_wait_ms / 1000,
+                   max_pixels_per_request=args.max_pixels_per_request,
+                   body_timeout_s=args.body_timeout_s)
     asyncio.run(_serve(app, sock, ssl_context, url))
 
 

@@ -26,6 +26,7 @@ import base64
 import binascii
 import importlib
 import io
+import math
 from typing import Any
 
 import numpy as np
@@ -36,7 +37,21 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Decompression bombs: a tiny PNG can claim a huge image, so sizes are checked from the
 # header, before any pixel is decoded.
 MAX_IMAGE_PIXELS = 4096 * 4096
-MAX_REQUEST_PIXELS = 64 * 1024 * 1024  # all images of one request (192 MiB as RGB uint8)
+MAX_REQUEST_PIXELS = 64 * 1024 * 1024  # default for all images of one request (192 MiB as RGB)
+# GenEval-style clauses (metadata[i].include[j].count, .exclude[j].count) count objects in one
+# image: a few, never millions. Bounding them keeps a scorer from looping or allocating on
+# a count nobody could draw.
+MAX_CLAUSE_COUNT = 1000
+CLIP_CHARS = 200  # input-derived text in error bodies and log lines is cut to this length
+
+
+def clip(text: object, limit: int = CLIP_CHARS) -> str:
+    """``str(text)`` cut to ``limit`` characters, saying how long it was: a 20 MB prompt in
+    an exception must not be echoed whole into an error body or a log line."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
 
 
 # -- the scorer contract ---------------------------------------------------------------
@@ -102,6 +117,46 @@ class ScoreRequest(BaseModel):
                 raise ValueError(f"{name}: {len(getattr(self, name))} entries for {n} prompts")
         return self
 
+    @model_validator(mode="after")
+    def _sane_metadata(self) -> ScoreRequest:
+        for i, row in enumerate(self.metadata):
+            _check_finite(row, f"metadata[{i}]")
+            _check_clause_counts(row, f"metadata[{i}]")
+        return self
+
+
+def _check_finite(value: Any, where: str) -> None:
+    """Refuse NaN and infinities anywhere in a JSON value (Python's and pydantic's JSON
+    parsers accept ``NaN``, ``Infinity`` and ``1e999``): a scorer comparing with NaN
+    silently scores nonsense, or raises deep inside. Nesting is bounded by the JSON
+    parser's recursion limit."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where}: {value} is not a finite number")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(item, f"{where}.{clip(key, 40)}")
+    elif isinstance(value, list):
+        for j, item in enumerate(value):
+            _check_finite(item, f"{where}[{j}]")
+
+
+def _check_clause_counts(row: dict[str, Any], where: str) -> None:
+    """GenEval-style ``include``/``exclude`` clauses: each ``count`` an integer in
+    ``1..MAX_CLAUSE_COUNT`` (a negative, zero, fractional or huge count divides by zero,
+    slices oddly, or loops in the scorer)."""
+    for key in ("include", "exclude"):
+        clauses = row.get(key)
+        if not isinstance(clauses, list):
+            continue  # absent, or not GenEval-style: the scorer checks what it needs
+        for j, clause in enumerate(clauses):
+            if not isinstance(clause, dict) or "count" not in clause:
+                continue
+            count = clause["count"]
+            if (isinstance(count, bool) or not isinstance(count, int)
+                    or not 1 <= count <= MAX_CLAUSE_COUNT):
+                raise ValueError(f"{where}.{key}[{j}].count: must be an integer in "
+                                 f"1..{MAX_CLAUSE_COUNT}, got {clip(count, 40)}")
+
 
 class ScoreResponse(BaseModel):
     """``POST /score`` answer. Unknown keys are ignored, so servers may add some."""
@@ -128,17 +183,25 @@ class WireError(ValueError):
     """A request that does not follow the wire format; the message names the field."""
 
 
-def describe_validation_error(error: ValidationError) -> str:
-    """Pydantic's errors as ``field[i]: message; ...``."""
+class TooLarge(WireError):
+    """A request whose images are over the pixel limits (the server answers 413)."""
+
+
+def describe_validation_error(error: ValidationError, max_errors: int = 5) -> str:
+    """Pydantic's errors as ``field[i]: message; ...``: the first ``max_errors``, each part
+    clipped (an extra key's name comes from the request and may be megabytes long)."""
     parts = []
-    for err in error.errors():
+    errors = error.errors(include_input=False, include_url=False)
+    for err in errors[:max_errors]:
         loc = ""
         for p in err["loc"]:
-            loc += f"[{p}]" if isinstance(p, int) else (f".{p}" if loc else str(p))
-        msg = err["msg"].removeprefix("Value error, ")
+            loc += f"[{p}]" if isinstance(p, int) else (f".{clip(p, 40)}" if loc else clip(p, 40))
+        msg = clip(err["msg"].removeprefix("Value error, "))
         if not loc and err["type"] not in ("value_error", "json_invalid"):
             loc = "body"  # e.g. a JSON array where an object belongs
         parts.append(f"{loc}: {msg}" if loc and not msg.startswith(loc) else msg)
+    if len(errors) > max_errors:
+        parts.append(f"and {len(errors) - max_errors} more errors")
     return "; ".join(parts)
 
 
@@ -151,31 +214,58 @@ def encode_png(image: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def decode_images(encoded: list[str]) -> np.ndarray:
-    """Base64 PNGs -> uint8 ``[N, H, W, 3]`` (converted to RGB); raises WireError naming images[i]."""
-    arrays, total = [], 0
-    for i, text in enumerate(encoded):
-        field = f"images[{i}]"
-        try:
-            raw = base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError):
-            raise WireError(f"{field}: not valid base64") from None
-        if not raw.startswith(PNG_SIGNATURE):
-            raise WireError(f"{field}: not a PNG (the decoded bytes lack the PNG signature)")
-        try:
-            im = Image.open(io.BytesIO(raw), formats=("PNG",))
-            w, h = im.size
-            total += w * h
-            if w * h > MAX_IMAGE_PIXELS or total > MAX_REQUEST_PIXELS:
-                raise WireError(f"{field}: {w}x{h} pixels is over the limit ({MAX_IMAGE_PIXELS} "
-                                f"per image, {MAX_REQUEST_PIXELS} per request)")
-            array = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
-        except WireError:
-            raise
-        except Exception as e:  # PIL raises many types for corrupt data
-            raise WireError(f"{field}: not a readable PNG ({type(e).__name__}: {e})") from None
-        if arrays and array.shape != arrays[0].shape:
-            raise WireError(f"{field}: size {w}x{h} differs from images[0] "
-                            f"{arrays[0].shape[1]}x{arrays[0].shape[0]}; send one size per request")
-        arrays.append(array)
-    return np.stack(arrays)
+def decode_images(encoded: list[str], max_request_pixels: int = MAX_REQUEST_PIXELS) -> np.ndarray:
+    """Base64 PNGs -> uint8 ``[N, H, W, 3]`` (converted to RGB); raises WireError naming images[i]
+    (:class:`TooLarge` over the pixel limits).
+
+    Two passes: every PNG's header (its declared size) is read and checked first, and only
+    then are pixels decoded, so a small body claiming huge images costs no decoding.
+    """
+    opened = [_open_png(i, text) for i, text in enumerate(encoded)]
+    _check_sizes(opened, max_request_pixels)
+    return np.stack([_pixels(i, im) for i, im in enumerate(opened)])
+
+
+def _open_png(i: int, text: str) -> Image.Image:
+    """images[i] opened lazily: PIL reads the header (size, mode), not the pixel data."""
+    field = f"images[{i}]"
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise WireError(f"{field}: not valid base64") from None
+    if not raw.startswith(PNG_SIGNATURE):
+        raise WireError(f"{field}: not a PNG (the decoded bytes lack the PNG signature)")
+    try:
+        return Image.open(io.BytesIO(raw), formats=("PNG",))
+    except Image.DecompressionBombError:  # PIL's own limit, far above ours
+        raise TooLarge(f"{field}: over the limit of {MAX_IMAGE_PIXELS} pixels per image") from None
+    except Exception as e:  # PIL raises many types for corrupt data
+        raise WireError(f"{field}: not a readable PNG ({type(e).__name__}: {clip(e)})") from None
+
+
+def _check_sizes(opened: list[Image.Image], max_request_pixels: int) -> None:
+    """Declared sizes against the limits, and one size for all images of the request."""
+    total = 0
+    for i, im in enumerate(opened):
+        w, h = im.size
+        total += w * h
+        if w * h > MAX_IMAGE_PIXELS:
+            raise TooLarge(f"images[{i}]: {w}x{h} pixels is over the limit of "
+                           f"{MAX_IMAGE_PIXELS} pixels per image")
+        if im.size != opened[0].size:
+            w0, h0 = opened[0].size
+            raise WireError(f"images[{i}]: size {w}x{h} differs from images[0] {w0}x{h0}; "
+                            "send one size per request")
+    if total > max_request_pixels:
+        raise TooLarge(f"images: {len(opened)} images of {opened[0].size[0]}x"
+                       f"{opened[0].size[1]} are {total} pixels, over the limit of "
+                       f"{max_request_pixels} pixels per request (--max-pixels-per-request); "
+                       "send fewer images per request")
+
+
+def _pixels(i: int, im: Image.Image) -> np.ndarray:
+    """images[i]'s pixels as RGB uint8 ``[H, W, 3]`` (the expensive part)."""
+    try:
+        return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+    except Exception as e:  # PIL raises many types for corrupt data
+        raise WireError(f"images[{i}]: not a readable PNG ({type(e).__name__}: {clip(e)})") from None

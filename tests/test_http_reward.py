@@ -104,6 +104,57 @@ def test_the_circuit_opens_after_failed_calls_and_closes_after_a_success():
     assert len(hits) == 8
 
 
+def test_408_is_retried_as_a_slow_upload():
+    app, hits = scripted([408, "ok"])
+    with serve_in_thread(app) as url:
+        scorer = HttpScorer(url, max_retries=1, backoff_s=0.01)
+        np.testing.assert_array_equal(scorer(IMAGES, PROMPTS, METADATA), [0.5, 0.5])
+    assert len(hits) == 2
+
+
+def test_a_4xx_does_not_count_against_the_circuit():
+    # 500, then a refusal, then 500: two failures, but not in a row, so no open circuit.
+    app, hits = scripted([500, 422, 500, "ok"])
+    with serve_in_thread(app) as url:
+        scorer = HttpScorer(url, max_retries=0, circuit_failures=2, circuit_reset_s=60)
+        with pytest.raises(RewardUnavailable):
+            scorer(IMAGES, PROMPTS, METADATA)
+        with pytest.raises(RewardRejected, match="answered 422"):
+            scorer(IMAGES, PROMPTS, METADATA)
+        with pytest.raises(RewardUnavailable, match="1 attempts failed"):
+            scorer(IMAGES, PROMPTS, METADATA)
+        np.testing.assert_array_equal(scorer(IMAGES, PROMPTS, METADATA), [0.5, 0.5])
+    assert len(hits) == 4
+
+
+class Picky:
+    """Mean brightness; raises KeyError for a metadata row without a ``tag``, as a
+    GenEval scorer does for a row it cannot read."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, images, prompts, metadata):
+        self.calls += 1
+        tags = [m["tag"] for m in metadata]
+        del tags
+        return images.reshape(len(images), -1).mean(axis=1) / 255.0
+
+
+def test_metadata_the_scorer_refuses_is_rejected_at_once_and_good_calls_still_work():
+    scorer = Picky()
+    with serve_in_thread(make_app(scorer, "picky", "1", TOKEN)) as url:
+        client = HttpScorer(url, max_retries=3, backoff_s=0.01, circuit_failures=1)
+        with pytest.raises(RewardRejected) as e:
+            client(IMAGES, PROMPTS, METADATA)  # no "tag": KeyError in the scorer
+        assert e.value.status == 422 and scorer.calls == 1  # not retried
+        assert str(e.value) == (f"reward server {url}/score answered 422: scorer refused "
+                                "the input: KeyError: 'tag'")
+        good = [{"tag": "counting"}] * 2
+        np.testing.assert_allclose(client(IMAGES, PROMPTS, good), [0.2, 0.2], rtol=1e-6)
+        assert scorer.calls == 2  # the circuit stayed closed
+
+
 class Flaky:
     """Mean brightness, but the first ``fail_first`` calls raise (the server answers 500)."""
 

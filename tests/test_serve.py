@@ -178,7 +178,7 @@ def _bad_bodies():
                                        pngs[2]]}, 422, "images[1]: not a PNG"),
         ("truncated png", ok | {"images": [pngs[0], pngs[1][:200], pngs[2]]}, 422, "images[1]"),
         ("sizes differ", ok | {"images": [pngs[0], small, pngs[2]]}, 422, "images[1]: size 32x32"),
-        ("bomb", ok | {"images": [_png_claiming(5000, 5000), *pngs[1:]]}, 422,
+        ("bomb", ok | {"images": [_png_claiming(5000, 5000), *pngs[1:]]}, 413,
          "images[0]: 5000x5000 pixels is over the limit"),
         ("empty", {"prompts": [], "metadata": [], "images": []}, 422, "prompts"),
         ("not an object", [1, 2], 422, "body: Input should be an object"),
@@ -200,11 +200,12 @@ def test_not_json_is_400(shapes_url, good):
     _still_serving(shapes_url, good)
 
 
-def test_a_scorer_exception_is_500_and_the_server_keeps_serving(shapes_url, good):
+def test_metadata_the_scorer_refuses_is_422_and_the_server_keeps_serving(shapes_url, good):
     images, prompts, metadata = _batch(2)
     status, answer = _post(shapes_url, _body(images, prompts, [{"prompt": p} for p in prompts]))
-    assert status == 500
-    assert "scorer raised ValueError" in answer["error"] and "shapes-world metadata" in answer["error"]
+    assert status == 422  # ShapesReward raises ValueError for it: the input, not the server
+    assert "scorer refused the input: ValueError" in answer["error"]
+    assert "shapes-world metadata" in answer["error"]
     _still_serving(shapes_url, good)
 
 
@@ -273,7 +274,7 @@ def test_one_bad_request_in_a_batch_fails_only_itself():
     bodies = [_body(_flat(10 * i), ["p"] * 4, [{"fail": i == 2}] * 4) for i in range(5)]
     with serve_in_thread(app) as url:
         results = _concurrently(url, bodies)
-    assert [status for status, _ in results] == [200, 200, 500, 200, 200], results
+    assert [status for status, _ in results] == [200, 200, 422, 200, 200], results
     assert "asked to fail" in results[2][1]["error"]
     assert 16 in scorer.batches, scorer.batches  # requests 1-4 were tried together first
 
