@@ -85,6 +85,7 @@ class RewardPool:
         num_gpus: float = 0.0,
         ready_timeout_s: float = 600.0,
         control_name: str | None = None,
+        name: str = "reward",
     ) -> None:
         if num_actors < 0 or max_retries < 0 or max_in_flight < 1 or timeout_s <= 0:
             raise ValueError("need num_actors >= 0, max_retries >= 0, max_in_flight >= 1 and "
@@ -101,7 +102,7 @@ class RewardPool:
         if resource and (require_resource or ray.cluster_resources().get(resource, 0) > 0):
             options["resources"] = {resource: 1}
             self.placement = resource
-        self._calls = Calls(max_in_flight, max_retries, self.stats)
+        self._calls = Calls(max_in_flight, max_retries, self.stats, name=name)
         self._actors = ScorerActors(factory, options, calls=self._calls, stats=self.stats,
                                     timeout_s=timeout_s, ready_timeout_s=ready_timeout_s,
                                     max_retries=max_retries)

@@ -13,6 +13,7 @@ call of a job on a slot).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Hashable
@@ -21,6 +22,8 @@ from typing import Any
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
+
+logger = logging.getLogger(__name__)
 
 
 class RewardError(RuntimeError):
@@ -91,8 +94,10 @@ class Attempt:
 class Calls:
     """Every key from ``submit`` until ``collect`` hands it back; see the module docstring."""
 
-    def __init__(self, max_in_flight: int, max_retries: int, stats: PoolStats) -> None:
+    def __init__(self, max_in_flight: int, max_retries: int, stats: PoolStats,
+                 name: str = "reward") -> None:
         self.max_in_flight, self.max_retries, self.stats = max_in_flight, max_retries, stats
+        self.name = name  # the reward's, in the driver's log lines
         self.jobs: dict[Hashable, Job] = {}  # submitted, not yet finished
         self.waiting: dict[Any, list[Job]] = {}  # rollout ref -> jobs waiting for it
         self.queue: deque[Job] = deque()  # inputs ready, not dispatched
@@ -186,4 +191,6 @@ class Calls:
             self.errors.append(failure)
         else:
             self.stats.retries += 1
+            logger.warning("reward %r: call %r failed, retry %d of %d: %s", self.name, job.key,
+                           job.failures, self.max_retries, job.last_error[:300])
             self.queue.appendleft(job)  # retried work first

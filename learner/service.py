@@ -93,7 +93,7 @@ class Service:
                         sc.delta, sc.aggregation, sc.guidance_scale, sc.policy),
                 rp.num_actors, timeout_s=rp.timeout_s, max_retries=rp.max_retries,
                 max_restarts=rp.max_restarts, num_cpus=rp.num_cpus, num_gpus=rp.num_gpus,
-                require_resource=rp.require_resource, control_name=rp.control_name,
+                require_resource=rp.require_resource, control_name=rp.control_name, name=SC,
             )
         for ext in cfg.external_rewards:
             # kind http: the client actor of a reward server, the remote external reward
@@ -104,7 +104,7 @@ class Service:
                         1, kwargs, rows + eval_rows),  # eval prompt ids follow the rows
                 ext.num_actors, timeout_s=rp.timeout_s, max_retries=rp.max_retries,
                 max_restarts=rp.max_restarts, num_cpus=ext.num_cpus, num_gpus=ext.num_gpus,
-                control_name=f"{rp.control_name}-{ext.name}",
+                control_name=f"{rp.control_name}-{ext.name}", name=ext.name,
             )
         for name, pool in self.pools.items():
             try:

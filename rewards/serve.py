@@ -187,13 +187,18 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--kwargs is not valid JSON: {e}")
     if not isinstance(kwargs, dict):
         p.error("--kwargs must be a JSON object")
+    # The port first: a taken one fails in a line, before a scorer spends minutes loading.
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    try:
+        sock = socket.create_server((args.host, args.port), family=family)
+    except OSError as e:
+        p.error(f"--host {args.host} --port {args.port}: cannot listen there ({e.strerror}); "
+                "choose another port (0: any free one) or stop what holds it")
     scorer = import_scorer(args.scorer, kwargs)
     ssl_context = None
     if args.cert:
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_context.load_cert_chain(args.cert, args.key)
-    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
-    sock = socket.create_server((args.host, args.port), family=family)
     host, port = sock.getsockname()[:2]
     host = f"[{host}]" if family == socket.AF_INET6 else host
     url = f"{'https' if ssl_context else 'http'}://{host}:{port}"

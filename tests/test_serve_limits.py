@@ -332,3 +332,18 @@ def test_chunks_of_an_abandoned_request_are_not_scored():
 
     asyncio.run(run())
     assert sum(scorer.batches) <= 2, scorer.batches
+
+
+def test_a_taken_port_is_one_line_before_the_scorer_loads(capsys):
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    with pytest.raises(SystemExit) as e:
+        main(["--scorer", "no.such.module:Scorer", "--insecure-no-token", "--port", str(port)])
+    taken.close()
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--port {port}: cannot listen there" in err and "Traceback" not in err, err
