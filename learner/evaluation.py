@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from learner.charts import line_charts
-from shapes.evaluate import ShapesEval, summarize
+from shapes.evaluate import ShapesEval, cannot_grade, summarize
 
 SHAPES = "shapes"  # the key of ShapesEval's grades in the rows and metrics
 
@@ -57,8 +57,9 @@ def eval_jobs(rows: Sequence[dict], per_prompt: int, offset: int) -> list[tuple[
 
 
 def gradable(rows: Sequence[dict]) -> bool:
-    """Whether ShapesEval can grade these rows (shapes-world metadata on every one)."""
-    return all("include" in r and "tag" in r for r in rows)
+    """Whether ShapesEval can grade these rows (shapes-world metadata on every one; GenEval
+    rows over COCO classes are not, and are left to the run's rewards)."""
+    return all("include" in r and "tag" in r and cannot_grade(r) is None for r in rows)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Prompt datasets: GenEval-style metadata rows read from jsonl, served in seeded order."""
+"""Prompt datasets: text or jsonl files read into metadata rows, served in seeded order."""
 
 from __future__ import annotations
 
@@ -29,8 +29,23 @@ def read_utf8(path: str | Path) -> str:
                          "save the file as UTF-8") from None
 
 
+TEXT_SUFFIXES = (".txt",)
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+
+
 def load_prompts(path: str | Path, *, field: str = "train.prompts") -> list[dict]:
-    """Read a jsonl file of metadata rows, each with at least a ``"prompt"`` string.
+    """Read a prompt file into metadata rows, each with at least a ``"prompt"`` string.
+
+    The format is decided by the file's extension, never guessed from its content:
+
+    * ``.txt``: one prompt per line; blank lines and lines starting with ``#`` are skipped;
+      each line becomes ``{"prompt": line}`` (surrounding whitespace dropped). For rewards
+      that need only the text (PickScore, aesthetic).
+    * ``.jsonl`` / ``.json`` / ``.ndjson``: JSON lines, one object per line with a
+      ``"prompt"`` string; other fields are kept (the reward scorers get the whole row).
+      GenEval metadata rows (``tag``, ``include``, ``exclude``) are such rows, and their
+      clauses are checked (:func:`geneval_problem`), so that a grader does not fail on
+      them mid-run.
 
     Every problem is a FileNotFoundError or ValueError whose message starts with
     ``path:line:`` (``field`` names the config field that points here), so the run can
@@ -39,24 +54,116 @@ def load_prompts(path: str | Path, *, field: str = "train.prompts") -> list[dict
     path = Path(path)
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "not found"
-        raise FileNotFoundError(f"prompt file {path} {what} (set {field} to a jsonl file)")
+        raise FileNotFoundError(f"prompt file {path} {what} (set {field} to a .jsonl or .txt "
+                                "prompt file)")
+    suffix = path.suffix.lower()
+    if suffix in TEXT_SUFFIXES:
+        rows = _text_rows(path)
+    elif suffix in JSONL_SUFFIXES:
+        rows = _jsonl_rows(path)
+    else:
+        kind = repr(suffix) if suffix else "(no extension)"
+        raise ValueError(f"{path}: unknown prompt file format {kind}; "
+                         f"expected {' / '.join(TEXT_SUFFIXES)} (one prompt per line) or "
+                         f"{' / '.join(JSONL_SUFFIXES)} (one JSON object per line); rename "
+                         f"the file or set {field} to one that is")
+    if not rows:
+        raise ValueError(f"{path}: prompt file holds no prompts (set {field} to a .txt file "
+                         "with one prompt per line, or a jsonl file with one "
+                         "{\"prompt\": ...} object per line)")
+    return rows
+
+
+def _lines(path: Path) -> list[str]:
+    """The file's lines, numbered from 1 by their place in the list + 1.
+
+    split("\n"), not splitlines(): JSON strings may hold U+2028 and other characters that
+    splitlines() breaks on, which would cut a row in two and shift every line number.
+    """
+    return read_utf8(path).split("\n")
+
+
+def _text_rows(path: Path) -> list[dict]:
+    """``{"prompt": line}`` for every line that is neither blank nor a ``#`` comment."""
     rows = []
-    # split("\n"), not splitlines(): JSON strings may hold U+2028 and other characters
-    # that splitlines() breaks on, which would cut a row in two and shift every line number.
-    for n, line in enumerate(read_utf8(path).split("\n"), start=1):
+    for line in _lines(path):
+        text = line.strip()
+        if text and not text.startswith("#"):
+            rows.append({"prompt": text})
+    return rows
+
+
+def _jsonl_rows(path: Path) -> list[dict]:
+    """One object per non-blank line, each with a ``prompt`` string and valid GenEval
+    clauses where it has them."""
+    rows = []
+    for n, line in enumerate(_lines(path), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); "
+                             "expected one JSON object per line") from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise ValueError(f"{path}:{n}: each line must be an object with a 'prompt' string")
+            got = (f"a JSON {type(row).__name__}" if not isinstance(row, dict)
+                   else "no 'prompt'" if "prompt" not in row else f"'prompt': {row['prompt']!r}")
+            raise ValueError(f"{path}:{n}: each line must be an object with a 'prompt' string "
+                             f"(got {got})")
+        problem = geneval_problem(row)
+        if problem:
+            raise ValueError(f"{path}:{n}: {problem}")
         rows.append(row)
-    if not rows:
-        raise ValueError(f"{path}: prompt file holds no prompts (set {field} to a jsonl file "
-                         "with one {\"prompt\": ...} object per line)")
     return rows
+
+
+def geneval_problem(row: dict) -> str | None:
+    """What is wrong with a row's GenEval metadata, or None (also for rows without any).
+
+    GenEval's grader reads ``include``/``exclude`` as lists of ``{"class": str, "count":
+    int >= 1}`` clauses, an include clause optionally with a ``"color"`` string and a
+    ``"position": [relation, index]`` naming an earlier include clause. A row that breaks
+    this would crash the grader, or score 0 silently, only when it is drawn; here it is
+    refused at load time.
+    """
+    if "tag" in row and not isinstance(row["tag"], str):
+        return f"'tag' must be a string, got {row['tag']!r}"
+    for key in ("include", "exclude"):
+        if key not in row:
+            continue
+        clauses = row[key]
+        if not isinstance(clauses, list) or (key == "include" and not clauses):
+            return f"{key!r} must be a {'non-empty ' if key == 'include' else ''}list of " \
+                   f"{{\"class\": str, \"count\": int}} objects, got {clauses!r}"
+        for i, clause in enumerate(clauses):
+            problem = _clause_problem(clause, i, is_include=key == "include")
+            if problem:
+                return f"{key}[{i}] {problem}"
+    return None
+
+
+def _clause_problem(clause: object, index: int, *, is_include: bool) -> str | None:
+    """What is wrong with one include/exclude clause, or None."""
+    expected = 'expected {"class": str, "count": int >= 1}'
+    if not isinstance(clause, dict):
+        return f"is {clause!r}; {expected}"
+    if not isinstance(clause.get("class"), str) or not clause["class"]:
+        return f"has no 'class' string ({clause!r}); {expected}"
+    count = clause.get("count")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        return f"'count' must be an integer >= 1, got {count!r} ({clause!r}); {expected}"
+    if "color" in clause and not isinstance(clause["color"], str):
+        return f"'color' must be a string, got {clause['color']!r}"
+    if "position" in clause:
+        if not is_include:
+            return "has a 'position'; only include clauses may"
+        position = clause["position"]
+        if (not isinstance(position, list) or len(position) != 2
+                or not isinstance(position[0], str) or isinstance(position[1], bool)
+                or not isinstance(position[1], int) or not 0 <= position[1] < index):
+            return (f"'position' must be [relation, index of an earlier include clause], "
+                    f"got {position!r}")
+    return None
 
 
 class PromptCursor:

@@ -46,7 +46,7 @@ from PIL import Image
 
 from shapes.detect import Detection, detect
 from shapes.draw import POSITION_THRESHOLD, relative_position
-from shapes.prompts import TAGS
+from shapes.prompts import CLASSES, COLORS, RELATIONS, TAGS
 
 
 @dataclass
@@ -147,6 +147,49 @@ def degenerate(objects: list[Detection], metadata: dict, height: int, width: int
     return None
 
 
+def cannot_grade(metadata: dict) -> str | None:
+    """Why ShapesEval cannot grade a metadata row (None when it can).
+
+    The detector knows only the shapes world's classes, colours and relations, so a
+    GenEval row over COCO classes ("bench") would be graded 0 for every image, which
+    reads as a bad model, not as the wrong grader. Naming what it does not know, and
+    what it does, makes the mistake visible at the first call.
+    """
+    tag = metadata.get("tag")
+    if tag is not None and tag not in TAGS:
+        return f"unknown tag {tag!r} (ShapesEval knows {', '.join(TAGS)})"
+    include = metadata.get("include")
+    if not isinstance(include, list) or not include:
+        return "no 'include' clauses (ShapesEval grades GenEval metadata rows)"
+    exclude = metadata.get("exclude", [])
+    if not isinstance(exclude, list):
+        return f"'exclude' is {exclude!r}, not a list of clauses"
+    for clause in include + exclude:
+        if not isinstance(clause, dict):
+            return f"clause {clause!r} is not an object with 'class' and 'count'"
+        if clause.get("class") not in CLASSES:
+            return (f"unknown class {clause.get('class')!r} (ShapesEval knows "
+                    f"{', '.join(CLASSES)}: the shapes world's; grade COCO classes with "
+                    "GenEval's own detector)")
+        if "color" in clause and clause["color"] not in COLORS:
+            return f"unknown color {clause['color']!r} (ShapesEval knows {', '.join(COLORS)})"
+        if "position" in clause:
+            position = clause["position"]
+            relation = position[0] if isinstance(position, list | tuple) and position else position
+            if relation not in RELATIONS:
+                return f"unknown relation {relation!r} (ShapesEval knows {', '.join(RELATIONS)})"
+    return None
+
+
+def check_metadata(metadata: list[dict]) -> None:
+    """Raise a ValueError naming the first row ShapesEval cannot grade, and why."""
+    for i, meta in enumerate(metadata):
+        why = cannot_grade(meta)
+        if why is not None:
+            raise ValueError(f"ShapesEval cannot grade metadata[{i}] "
+                             f"({str(meta.get('prompt', ''))[:100]!r}): {why}")
+
+
 def _as_batch(images: np.ndarray | list) -> np.ndarray:
     """Stack a list of uint8 arrays or PIL images into uint8 [N,H,W,3]; fail loudly otherwise."""
     if isinstance(images, list):
@@ -166,10 +209,15 @@ class ShapesEval:
         self.chunk = chunk  # images per detection pass: bounds the [K,Hc,Wc] crop memory
 
     def __call__(self, images: np.ndarray | list, metadata: list[dict]) -> ShapesScores:
-        """images uint8 [N,H,W,3] (or a list of arrays / PIL images), one metadata per image."""
+        """images uint8 [N,H,W,3] (or a list of arrays / PIL images), one metadata per image.
+
+        Metadata naming a class, tag, colour or relation outside the shapes world is a
+        ValueError (:func:`cannot_grade`), not a silent 0.
+        """
         images = _as_batch(images)
         if len(images) != len(metadata):
             raise ValueError(f"{len(images)} images but {len(metadata)} metadata entries")
+        check_metadata(metadata)  # before detection: a wrong prompt set fails at once
         objects = [d for i in range(0, len(images), self.chunk)
                    for d in detect(images[i:i + self.chunk])]
         strict = np.zeros(len(images), dtype=bool)

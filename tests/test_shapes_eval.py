@@ -242,3 +242,50 @@ def test_degenerate_images_get_no_credit_whatever_blobs_they_match():
         stray[57:64, x:x + 7] = world.PALETTE["green"]
     scores = ShapesEval()(np.stack([good, stray]), [meta, meta])
     assert scores.strict.tolist() == [True, False] and scores.partial[1] == 0
+
+
+# -- metadata ShapesEval cannot grade -------------------------------------------------------
+
+
+def test_an_unknown_class_is_refused_naming_it_and_the_known_ones():
+    from learner.prompt_sets import position
+
+    img = scene(("square", "orange", (20, 20, 36, 36)))
+    coco = position("bench", "left of", "cat")
+    with pytest.raises(ValueError) as e:
+        grade(np.stack([img, img]), [world.single_object("square"), coco])
+    message = str(e.value)
+    assert "metadata[1]" in message and "'a photo of a bench left of a cat'" in message
+    assert "unknown class 'cat'" in message  # include[0], the target, comes first
+    assert "circle, square, triangle, star" in message
+
+
+def test_an_unknown_tag_colour_or_relation_is_refused():
+    img = scene(("square", "orange", (20, 20, 36, 36)))[None]
+    bad = {
+        "tag 'spatial'": {**world.single_object("square"), "tag": "spatial"},
+        "color 'pink'": {**world.colors("red", "square"),
+                         "include": [{"class": "square", "count": 1, "color": "pink"}]},
+        "relation 'behind'": {**world.position("circle", "left of", "square"),
+                              "include": [{"class": "square", "count": 1},
+                                          {"class": "circle", "count": 1,
+                                           "position": ["behind", 0]}]},
+        "class 'hexagon'": {**world.counting("square", 2),
+                            "exclude": [{"class": "hexagon", "count": 1}]},
+        "'include'": {"tag": "single_object", "prompt": "a photo of a square"},
+    }
+    for what, meta in bad.items():
+        with pytest.raises(ValueError, match=f"ShapesEval cannot grade metadata\\[0\\].*{what}"):
+            ShapesEval()(img, [meta])
+    with pytest.raises(ValueError, match="known.*single_object, two_object"):
+        grade(img, [bad["tag 'spatial'"]])
+
+
+def test_the_shapes_reward_refuses_coco_metadata_too():
+    from learner.prompt_sets import colors
+    from rewards.shapes import ShapesReward
+
+    meta = colors("red", "car")
+    img = scene(("square", "red", (20, 20, 36, 36)))[None]
+    with pytest.raises(ValueError, match="unknown class 'car'"):
+        ShapesReward()(img, [meta["prompt"]], [meta])
