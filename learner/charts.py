@@ -1,22 +1,37 @@
-"""Line charts of per-step training curves, drawn with PIL (no plotting library needed).
+"""Line charts of per-step training curves, drawn with matplotlib (Agg, no display).
 
 Each panel is (title, [(label, per-step values)]); NaN values are skipped, so a series
 measured every few steps draws as a line through its points. Used for a run's
-``eval.png`` (``learner.main``) and for the studies' figures (``studies.report``,
-``studies.curve``).
+``eval.png`` (``learner.evaluation``) and ``training.png`` (:func:`plot_training`, at
+each checkpoint), and for the studies' figures (``studies.report``, ``studies.curve``).
+
+Figures are built as ``matplotlib.figure.Figure`` on an Agg canvas, never through
+``pyplot``: pyplot keeps every figure in a global registry until it is closed (a leak in
+a driver that plots at every checkpoint) and picks a GUI backend where a display exists.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Sequence
+from numbers import Real
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
 PANEL = (480, 270)  # pixels of one chart panel
+DPI = 96  # PANEL in inches is PANEL / DPI; a saved chart is exactly columns x rows panels
+FONT = 8  # points: small panels, still readable at 100 %
+
+Series = Sequence[tuple[str, Sequence[float]]]
+Panel = tuple[str, Series]
 
 
 def moving_average(ys: Sequence[float], w: int) -> list[float]:
@@ -30,59 +45,152 @@ def moving_average(ys: Sequence[float], w: int) -> list[float]:
     return out
 
 
-def draw_panel(draw: ImageDraw.ImageDraw, origin: tuple[int, int], title: str,
-               series: Sequence[tuple[str, Sequence[float]]], smooth: int) -> None:
-    """One line chart: x = training step, a faint line per step and a bold moving average."""
-    ox, oy = origin
-    left, right, top, bottom = ox + 60, ox + PANEL[0] - 14, oy + 22, oy + PANEL[1] - 34
-    draw.text((left, oy + 6), title, fill="black")
-    values = np.array([v for _, ys in series for v in ys], dtype=np.float64)
-    values = values[np.isfinite(values)]
-    draw.rectangle([left, top, right, bottom], outline="black")
-    if len(values) == 0:
-        draw.text((left + 10, top + 10), "no data", fill="black")
-        return
-    lo, hi = float(values.min()), float(values.max())
-    pad = 0.05 * (hi - lo) if hi > lo else max(abs(lo), 1.0) * 0.05
-    lo, hi = lo - pad, hi + pad
-    last = max(max(len(ys) for _, ys in series) - 1, 1)
+def color(i: int) -> tuple[float, float, float]:
+    """The i-th series colour (matplotlib's tab10, as 0-1 RGB)."""
+    return tuple(ch / 255 for ch in COLORS[i % len(COLORS)])
 
-    def xy(i: int, v: float) -> tuple[float, float]:
-        return (left + (right - left) * i / last, bottom - (bottom - top) * (v - lo) / (hi - lo))
 
-    for k in range(5):  # y ticks
-        v = lo + (hi - lo) * k / 4
-        y = xy(0, v)[1]
-        draw.line([(left - 4, y), (left, y)], fill="black")
-        draw.text((ox + 4, y - 6), f"{v:.3g}", fill="black")
-    for i in sorted({0, last // 2, last}):  # x ticks
-        x = xy(i, lo)[0]
-        draw.line([(x, bottom), (x, bottom + 4)], fill="black")
-        draw.text((x - 6, bottom + 6), str(i), fill="black")
-    draw.text(((left + right) // 2 - 36, bottom + 18), "training step", fill="black")
+def finite(x: np.ndarray, y: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """The points of ``(x, y)`` with a finite y: NaNs would break the line into pieces."""
+    y = np.asarray(y, dtype=np.float64)
+    keep = np.isfinite(y)
+    return x[keep], y[keep]
+
+
+def draw_panel(ax: Axes, title: str, series: Series, smooth: int,
+               bands: Sequence[Sequence[float] | None] = (), x: Sequence[float] | None = None,
+               xlabel: str = "training step") -> None:
+    """One line chart: a faint line per step and a bold trailing mean over ``smooth`` steps.
+
+    ``bands[i]`` (optional): a per-step spread of series i (a std), shaded as mean ± band.
+    ``x``: the steps of the values (default 0, 1, 2, ...).
+    """
+    ax.set_title(title, fontsize=FONT + 1, loc="left")
+    ax.set_xlabel(xlabel, fontsize=FONT)
+    ax.tick_params(labelsize=FONT)
+    ax.grid(alpha=0.3, linewidth=0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps and versions are whole
+    drawn = False
     for c, (label, ys) in enumerate(series):
-        color = COLORS[c % len(COLORS)]
-        faint = tuple(255 - (255 - ch) * 2 // 5 for ch in color)
-        for line, fill, width in ((ys, faint, 1), (moving_average(ys, smooth), color, 2)):
-            points = [xy(i, v) for i, v in enumerate(line) if np.isfinite(v)]
-            if len(points) > 1:
-                draw.line(points, fill=fill, width=width)
-        draw.rectangle([left + 6, top + 6 + 12 * c, left + 14, top + 14 + 12 * c], fill=color)
-        draw.text((left + 18, top + 4 + 12 * c), label, fill="black")
+        steps = np.asarray(x if x is not None else range(len(ys)), dtype=np.float64)
+        band = bands[c] if c < len(bands) else None
+        if band is not None:
+            lo, hi = np.asarray(ys, float) - np.asarray(band, float), np.asarray(ys, float) + band
+            keep = np.isfinite(lo) & np.isfinite(hi)
+            ax.fill_between(steps[keep], lo[keep], hi[keep], color=color(c), alpha=0.15,
+                            linewidth=0)
+        raw, avg = finite(steps, ys), finite(steps, moving_average(ys, smooth))
+        if smooth > 1:
+            ax.plot(*raw, color=color(c), alpha=0.35, linewidth=0.8)
+        marker = "o" if len(raw[0]) < 3 else None  # a line needs two points; one shows as a dot
+        ax.plot(*avg, color=color(c), linewidth=1.6, label=label, marker=marker, markersize=3)
+        drawn = drawn or len(raw[0]) > 0
+    if not drawn:
+        ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center",
+                fontsize=FONT + 1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    elif series:
+        ax.legend(fontsize=FONT - 1, loc="best", frameon=False)
 
 
-def line_charts(path: Path, panels: Sequence[tuple[str, Sequence[tuple[str, Sequence[float]]]]],
-                columns: int = 2, smooth: int = 10) -> Path:
+def figure(n: int, columns: int) -> tuple[Figure, list[Axes]]:
+    """A figure of ``n`` panels in ``columns`` columns, PANEL pixels each; spare cells off."""
+    rows = max(-(-n // columns), 1)
+    fig = Figure(figsize=(columns * PANEL[0] / DPI, rows * PANEL[1] / DPI), dpi=DPI,
+                 layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = list(np.atleast_1d(fig.subplots(rows, columns, squeeze=False)).ravel())
+    for ax in axes[n:]:
+        ax.set_axis_off()
+    return fig, axes[:n]
+
+
+def save(fig: Figure, path: Path) -> Path:
+    """Write ``fig`` as a PNG and free it (the figure holds its whole pixel buffer)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, format="png")
+    fig.clear()
+    return path
+
+
+def line_charts(path: Path, panels: Sequence[Panel], columns: int = 2, smooth: int = 10, *,
+                xlabel: str = "training step") -> Path:
     """Panels of (title, [(label, per-step values)]) in a grid, saved as a PNG.
 
     Each series is drawn faint per step and bold as its trailing mean over ``smooth`` steps.
     """
-    rows = -(-len(panels) // columns)
-    image = Image.new("RGB", (columns * PANEL[0], rows * PANEL[1]), "white")
-    draw = ImageDraw.Draw(image)
-    for n, (title, series) in enumerate(panels):
-        draw_panel(draw, ((n % columns) * PANEL[0], (n // columns) * PANEL[1]), title, series,
-                   smooth)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-    return path
+    fig, axes = figure(len(panels), columns)
+    for ax, (title, series) in zip(axes, panels, strict=True):
+        draw_panel(ax, title, series, smooth, xlabel=xlabel)
+    return save(fig, path)
+
+
+# -- training.png: a run's own curves, from metrics.jsonl ---------------------------------
+
+# (title, metrics.jsonl keys drawn in it); reward panels come first, one per reward
+TRAINING_PANELS = (
+    ("loss/total", ("loss/total",)),
+    ("KL to the reference", ("loss/kl", "loss/approx_kl")),
+    ("gradient norm (before clipping)", ("loss/grad_norm", "grad/norm")),
+    ("rollout samples per second", ("rollout/samples_per_s",)),
+)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl, one row per step (a repeated step: its last row), in step order."""
+    path = Path(run_dir) / "metrics.jsonl"
+    by_step: dict[int, dict] = {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        if line.strip():
+            row = json.loads(line)
+            by_step[row["step"]] = row
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def column(rows: Sequence[dict], key: str) -> list[float]:
+    """``key`` of every row, NaN where a row lacks it or holds no number."""
+    return [float(v) if isinstance(v := r.get(key), Real) else math.nan for r in rows]
+
+
+def reward_names(rows: Sequence[dict]) -> list[str]:
+    """The rewards that have a ``reward/<name>/mean`` in some row, in first-seen order."""
+    names: dict[str, None] = {}
+    for r in rows:
+        for k in r:
+            parts = k.split("/")
+            if len(parts) == 3 and parts[0] == "reward" and parts[2] == "mean":
+                names.setdefault(parts[1])
+    return list(names)
+
+
+def training_panels(rows: Sequence[dict]) -> list[tuple[str, list[tuple[str, str, str | None]]]]:
+    """(title, [(label, key, std key or None)]) of each panel with data in ``rows``."""
+    panels = [(f"reward: {name} (mean ± std over the step's samples)",
+               [(name, f"reward/{name}/mean", f"reward/{name}/std")])
+              for name in reward_names(rows)]
+    for title, keys in TRAINING_PANELS:
+        present = [(k, k, None) for k in keys if any(k in r for r in rows)]
+        if present:
+            panels.append((title, present))
+    return panels
+
+
+def plot_training(run_dir: Path, columns: int = 2) -> Path | None:
+    """``training.png`` in the run dir: rewards, loss, KL, grad norm, throughput per step.
+
+    Written at each checkpoint, so a running job's progress is one image away; None when
+    metrics.jsonl has no rows yet.
+    """
+    rows = read_metrics(run_dir)
+    if not rows:
+        return None
+    steps = [r["step"] for r in rows]
+    smooth = max(1, min(10, len(rows) // 10))
+    panels = training_panels(rows)
+    fig, axes = figure(len(panels), columns)
+    for ax, (title, lines) in zip(axes, panels, strict=True):
+        series = [(label, column(rows, key)) for label, key, _ in lines]
+        bands = [column(rows, std) if std else None for _, _, std in lines]
+        draw_panel(ax, title, series, smooth, bands=bands, x=steps)
+    return save(fig, Path(run_dir) / "training.png")

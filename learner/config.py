@@ -310,6 +310,10 @@ class RayConfig(_Section):
         "the start-up check then does not ask for the GPUs, CPUs and custom resources to be "
         "there already; false: a run whose actors could never be placed fails at once"
     )
+    dashboard: bool = Field(
+        True, description="a new local instance serves the Ray dashboard (its URL is printed; "
+        "needs ray[default]); false: none, which saves a little memory and start-up time"
+    )
 
 
 class MetricsConfig(_Section):
@@ -322,13 +326,40 @@ class MetricsConfig(_Section):
     grid_every: int = Field(10, ge=1, description="write a sample grid every N steps (and at the end)")
 
 
+class TrackingConfig(_Section):
+    """Experiment trackers fed by ``learner.tracking.Tracker`` (metrics.jsonl and the
+    Prometheus endpoint are written either way; these come on top)."""
+
+    tensorboard: bool = Field(
+        True, description="write TensorBoard event files to <run dir>/tensorboard "
+        "(view: tensorboard --logdir <run dir>/tensorboard)"
+    )
+    wandb: bool = Field(False, description="log to Weights & Biases as well")
+    wandb_mode: Literal["offline", "online"] = Field(
+        "offline", description="'offline': W&B files under <run dir>/wandb, no network and no "
+        "account (upload later with `wandb sync`); 'online': stream to the W&B server "
+        "(needs `wandb login` or WANDB_API_KEY)"
+    )
+    wandb_project: str = Field("solace-rl", min_length=1, description="W&B project")
+    wandb_entity: str | None = Field(
+        None, description="W&B team or user; null: the account's default entity"
+    )
+    wandb_name: str | None = Field(
+        None, description="W&B run display name; null: the run directory's name"
+    )
+    wandb_group: str | None = Field(
+        None, description="W&B run group, e.g. one per study so that its seeds show together"
+    )
+    wandb_tags: tuple[str, ...] = Field((), description="W&B tags of the run")
+
+
 class EvalConfig(_Section):
     every: int = Field(
         0, ge=0, description="evaluate held-out prompts every N steps, before the first step and "
         "after the last; 0: never (the presets turn it on)"
     )
     prompts: str = Field(
-        "shapes/data/test.jsonl", description="jsonl of held-out prompts (GenEval-style rows; "
+        "shapes/data/test.jsonl", description="held-out prompt file, .txt or .jsonl (GenEval-style rows; "
         "rows with shapes-world metadata are also graded by ShapesEval)"
     )
     prompts_per_tag: int | None = Field(
@@ -348,10 +379,19 @@ class EvalConfig(_Section):
     )
 
 
+class EmaConfig(_Section):
+    decay: float = Field(
+        0.0, ge=0, lt=1, description="EMA of the LoRA weights (learner.ema): ema <- decay * ema "
+        "+ (1 - decay) * weights; evaluations use it and checkpoints save it beside the raw "
+        "LoRA (lora_ema/); 0: off"
+    )
+    every: int = Field(1, ge=1, description="average the weights in every N steps")
+
 class TrainConfig(_Section):
     steps: int = Field(20, ge=1, description="training steps (weight versions published)")
     prompts: str = Field(
-        "shapes/data/train.jsonl", description="jsonl of GenEval-style prompt metadata"
+        "shapes/data/train.jsonl", description="prompt file: .txt (one prompt a line) or .jsonl "
+        "(rows with a 'prompt' string, GenEval metadata validated)"
     )
     prompt_mix: Literal["file", "balanced"] = Field(
         "file", description="'file': prompts drawn as often as the file holds them; "
@@ -386,6 +426,8 @@ class Config(_Section):
     ray: RayConfig = RayConfig()
     metrics: MetricsConfig = MetricsConfig()
     eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    ema: EmaConfig = EmaConfig()
 
     @model_validator(mode="after")
     def _some_reward_trains(self) -> Config:

@@ -41,10 +41,14 @@ import numpy as np
 import ray
 import torch
 import yaml
+from PIL import Image
 from tqdm import tqdm
 
-from learner import evaluation, reaper
+from learner import console, evaluation, reaper
+from learner.charts import plot_training
 from learner.config import SC, Config, ConfigError, load_config
+from learner.console import quiet_env, quiet_this_process
+from learner.ema import WeightsEMA
 from learner.grpo import advantage_metrics, combine_advantages, shuffle_within_groups
 from learner.metrics import PrometheusMetrics
 from learner.preflight import PreflightError, check_cluster_resources, preflight
@@ -67,8 +71,10 @@ from learner.service import (
     rewards_of,
 )
 from learner.stopping import RunStopped, StopSignals
+from learner.tracking import Tracker
 from policy.grid import prompt_lines, save_grid
-from policy.sampler import SHUFFLE_STREAM, derive_seed, suffix_window
+from policy.logprob import window_steps
+from policy.sampler import SHUFFLE_STREAM, derive_seed
 from rewards.http import HttpScorer
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_solace.yaml"
@@ -130,15 +136,26 @@ def on_reward_failure(failure: RewardFailure, cfg: Config, service: Service,
     ) from failure
 
 
-def init_ray(cfg: Config, address: str | None) -> None:
-    """Join ``address``/RAY_ADDRESS (as under ``ray job submit``) or start a local instance."""
+def init_ray(cfg: Config, address: str | None, verbose: bool = False) -> None:
+    """Join ``address``/RAY_ADDRESS (as under ``ray job submit``) or start a local instance.
+
+    A local instance gets the quiet environment of ``learner.console`` for every actor
+    (unless ``verbose``), and the dashboard when ``ray.dashboard``; its URL is printed.
+    """
     address = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, namespace=cfg.ray.namespace, log_to_driver=True)
+        context = ray.init(address=address, namespace=cfg.ray.namespace, log_to_driver=True)
     else:  # "local" never attaches to a cluster that happens to run on this machine
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus or local_cpus(cfg),
-                 namespace=cfg.ray.namespace, include_dashboard=False)
+        env = {"SOLACE_VERBOSE": "1"} if verbose else quiet_env(cfg.model.device)
+        context = ray.init(address="local", num_cpus=cfg.ray.num_cpus or local_cpus(cfg),
+                           namespace=cfg.ray.namespace, include_dashboard=cfg.ray.dashboard,
+                           runtime_env={"env_vars": env},
+                           logging_level=logging.INFO if verbose else logging.WARNING)
         reaper.start()  # if this process is SIGKILLed, the instance's agents go with it
+    url = getattr(context, "dashboard_url", None)
+    if url:
+        print(f"Ray dashboard: http://{url}" if "://" not in url else f"Ray dashboard: {url}",
+              flush=True)
 
 
 def local_cpus(cfg: Config) -> int:
@@ -175,7 +192,7 @@ def check_finite_advantages(step: int, adv: np.ndarray, rewards: dict[str, np.nd
 
 def check_finite_update(step: int, metrics: dict[str, float], run_dir: Path) -> None:
     """A NaN or infinite loss or gradient norm: the new weights are not published."""
-    bad = {k: v for k, v in metrics.items() if k.startswith(("loss/total", "grad/norm"))
+    bad = {k: v for k, v in metrics.items() if k in ("loss/total", "loss/grad_norm")
            and isinstance(v, float) and not math.isfinite(v)}
     if bad:
         raise RunFailed(
@@ -225,7 +242,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
     saved = torch.load(ckpt / "trainer.pt", weights_only=False) if ckpt is not None else None
     if saved is None or "logs" in saved:  # (checkpoints before log lengths: append as is)
         restore_logs(run_dir, saved["logs"] if saved else None)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    resolved = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    (run_dir / "config.yaml").write_text(resolved)
     eval_set = (evaluation.eval_rows(load_prompts(cfg.eval.prompts), cfg.eval.prompts_per_tag)
                 if cfg.eval.every else [])
     service = Service(cfg, rows, eval_set)
@@ -238,12 +256,22 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
         print(f"resuming {run_dir} at step {start} from {ckpt.name}", flush=True)
     metrics_server = PrometheusMetrics(cfg.metrics.port, list(service.pools),
                                        host=cfg.metrics.host)
+    if start:
+        metrics_server.steps.inc(start)  # the counter counts the run's steps, not the process's
     version = start  # weight version v = optimizer steps taken
     service.publish(version)
+    ema = None  # the LoRA's moving average (ema.decay > 0): what evaluations see
+    if cfg.ema.decay:
+        ema = WeightsEMA(cfg.ema.decay, ray.get(service.weights[version],
+                                                timeout=cfg.rollout.timeout_s))
+        if saved is not None and saved.get("ema"):
+            ema.load_state_dict(saved["ema"])
+    last_eval: dict[str, float] = {}
     names = list(service.pools)
     weights = ({SC: cfg.self_confidence.weight} if cfg.self_confidence.enabled else {}) | {
         e.name: e.weight for e in cfg.external_rewards}
-    steps_trained = list(range(*suffix_window(cfg.sampler.num_steps - 1, cfg.grpo.train_fraction)))
+    # the last train_fraction of the SDE window's steps, as learner.sequential trains
+    steps_trained = window_steps(cfg.sampler.spec(), cfg.grpo.train_fraction)
     lag, steps = cfg.learner.max_staleness, cfg.train.steps
     inflight: dict[int | tuple[str, int], StepWork] = {}
     launched_at: dict[int, int] = {}  # step -> the prompt cursor before its prompts
@@ -252,6 +280,9 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
     files = ExitStack()
     log = files.enter_context(open(run_dir / "metrics.jsonl", "a"))  # noqa: SIM115
     samples = files.enter_context(open(run_dir / "samples.jsonl", "a"))  # noqa: SIM115
+    # TensorBoard (and W&B by config): the same names as metrics.jsonl, from one call site
+    tracker = files.enter_context(Tracker(run_dir, cfg, start_step=start))
+    tracker.log_text("config", resolved)
     pending: dict | None = None  # the last step's metrics line, written once complete
     steps_done = start  # steps whose update, samples and metrics are in
 
@@ -266,6 +297,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
             log.write(json.dumps(pending) + "\n")
             log.flush()
             metrics_server.update(pending)
+            tracker.log(pending["step"], pending)
             pending = None
 
     def checkpoint(done: int) -> Path:
@@ -274,8 +306,10 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
         samples.flush()
         stale = {v: ray.get(ref, timeout=cfg.rollout.timeout_s)
                  for v, ref in service.weights.items() if v < done}
-        return save_checkpoint(run_dir, service, launched_at.get(done, cursor.position), done,
-                               logs=log_sizes(run_dir), stale=stale)
+        path = save_checkpoint(run_dir, service, launched_at.get(done, cursor.position), done,
+                               logs=log_sizes(run_dir), stale=stale, ema=ema)
+        plot_training(run_dir)  # training.png, refreshed at every checkpoint
+        return path
 
     def wait_for(key) -> None:
         """Wait for every reward of ``inflight[key]``; a reward failing for good: its on_failure."""
@@ -289,28 +323,40 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
                 metrics_server.drop_reward(failure.reward)
 
     def evaluate(version: int, step: int) -> dict[str, float]:
-        """Evaluate weights ``version`` (published) on the held-out prompts; log and plot it."""
+        """Evaluate weights ``version`` (published), or their EMA, on the held-out prompts;
+        log and plot it."""
         t = time.perf_counter()
         jobs = evaluation.eval_jobs(eval_set, cfg.eval.per_prompt, offset=len(rows))
-        work, image_refs = service.launch_eval(version, jobs, cfg.eval.seed, len(rows),
+        served = version
+        if ema is not None:  # the average travels under its own id, never a version's
+            flat = ema.flat()
+            served = flat.version
+            service.weights[served] = ray.put(flat)
+        work, image_refs = service.launch_eval(served, jobs, cfg.eval.seed, len(rows),
                                                cfg.eval.rewards)
         inflight[work.step] = work
         try:
             wait_for(work.step)
         finally:
             inflight.pop(work.step)
+            if ema is not None:
+                service.weights.pop(served, None)
         check_versions(work)
         scores = rewards_of(work, list(service.pools)) if work.scored else {}
         images = ray.get(image_refs, timeout=cfg.rollout.timeout_s)
         result = evaluation.grade(version, step, eval_set, cfg.eval.per_prompt,
                                   np.concatenate(images), scores)
         result.summary["timing/eval_s"] = time.perf_counter() - t
+        if ema is not None:
+            result.summary["eval/ema_decay"] = ema.decay
         evaluation.write(run_dir, result)
+        last_eval.clear()
+        last_eval.update(result.summary)
         evaluation.plot(run_dir)
         metrics_server.update_eval(result.summary)
         shown = {k: v for k, v in result.summary.items()
                  if k.endswith(("/strict", "/mean")) and k.count("/") == 2}
-        tqdm.write(f"eval at version {version}: " + ", ".join(
+        tqdm.write(f"eval at version {version}{' (EMA)' if ema else ''}: " + ", ".join(
             f"{k[5:]} {v:.4f}" for k, v in shown.items()))
         return result.summary
 
@@ -374,6 +420,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
                 version += 1
                 push_s = service.publish(version)
                 updating = False
+                if ema is not None and (step + 1) % cfg.ema.every == 0:
+                    ema.update(ray.get(service.weights[version], timeout=cfg.rollout.timeout_s))
                 last = step == steps - 1
                 # log: the samples now, the metrics line once the evaluation is in
                 dropped = tuple(n for n in names if n not in weights)
@@ -402,8 +450,13 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
                 if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or last) and not stop():
                     metrics.update(evaluate(version, step + 1))
                 write_metrics()
-                bar.set_postfix(reward=f"{metrics[f'reward/{main_reward}/mean']:+.4f}",
-                                sps=f"{metrics['rollout/samples_per_s']:.1f}", stale=staleness)
+                shown = {"reward": f"{metrics[f'reward/{main_reward}/mean']:+.4f}"}
+                score = next((last_eval[k] for k in ("eval/shapes/strict", f"eval/{main_reward}/mean")
+                              if k in last_eval), None)
+                if score is not None:
+                    shown["eval"] = f"{score:.4f}"
+                bar.set_postfix(shown | {"sps": f"{metrics['rollout/samples_per_s']:.1f}",
+                                         "stale": staleness})
                 if (step + 1) % cfg.train.save_every == 0 or last or stop():
                     checkpoint(step + 1)
                 if (step + 1) % cfg.metrics.grid_every == 0 or last:
@@ -413,7 +466,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
                     label = "sc" if main_reward == SC else main_reward[:6]
                     captions = [prompt_lines(p) + [f"{label} {r:+.3f}"]
                                 for p, r in zip(prompts, rewards[main_reward], strict=False)]
-                    save_grid(run_dir / "grids" / f"step_{step:06d}.png", images, captions)
+                    grid = save_grid(run_dir / "grids" / f"step_{step:06d}.png", images, captions)
+                    tracker.log_images(step, "samples", Image.open(grid))
             if stop():  # the signal came during the last step: it is checkpointed
                 raise StopRequested
     except StopRequested:
@@ -434,6 +488,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
         bar.close()
         files.close()
         service.close()
+        stop.closed()
     for line in evaluation.report(run_dir):  # start -> end, paired image by image
         print(line, flush=True)
     return run_dir
@@ -448,7 +503,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-dir", type=Path, help="where to write (default: train.out_dir/<time>)")
     parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
                         help="continue RUN_DIR from its last checkpoint, with its config")
+    parser.add_argument("--verbose", action="store_true",
+                        help="leave the libraries' progress bars and warnings on, in every actor")
     args = parser.parse_args(argv)
+    if args.verbose:
+        os.environ["SOLACE_VERBOSE"] = "1"
     if args.resume and not (args.resume / "config.yaml").is_file():
         parser.error(f"--resume {args.resume}: no run there (a run directory holds the "
                      "config.yaml that learner.main wrote); give the directory a run printed")
@@ -460,7 +519,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     run_dir = args.resume or args.run_dir or Path(cfg.train.out_dir) / time.strftime("%Y%m%d-%H%M%S")
-    init_ray(cfg, args.address)
+    if not args.verbose:
+        quiet_this_process(cfg.model.device)
+    init_ray(cfg, args.address, verbose=args.verbose)
     try:
         check_cluster_resources(cfg, ray.cluster_resources())
     except PreflightError as e:
@@ -477,7 +538,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     finally:
         ray.shutdown()
-    print(f"run directory: {run_dir}")
+    for line in console.summary(run_dir, cfg.train.steps):
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -73,10 +73,15 @@ class StopSignals:
         return self
 
     def __exit__(self, *exc) -> None:
-        # The handlers go; a watchdog started by a signal stays until the process exits,
-        # so that closing the actors cannot hang the stop either.
+        # The handlers go; a watchdog started by a signal stays until :meth:`closed`, so
+        # that shutting the actors down cannot hang the stop either.
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+    def closed(self) -> None:
+        """The run has shut its actors down: the stop is complete, the watchdog goes."""
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 class RunStopped(Exception):

@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 
 from policy.pipeline import adapter_disabled
-from policy.sampler import Conditioning, Rollout, denoise_step, suffix_window
+from policy.sampler import Conditioning, Rollout, SamplerSpec, denoise_step, suffix_window
 from policy.sde import gaussian_kl
 
 KlForm = Literal["exact", "flow_grpo"]
@@ -32,7 +32,12 @@ class StepLogProb:
 
 def trained_steps(rollout: Rollout, fraction: float) -> list[int]:
     """The suffix of the rollout's stochastic steps that is trained (SOLACE's rho)."""
-    start, stop = rollout.spec.window()
+    return window_steps(rollout.spec, fraction)
+
+
+def window_steps(spec: SamplerSpec, fraction: float) -> list[int]:
+    """The last ``fraction`` of the stochastic steps of ``spec``'s SDE window."""
+    start, stop = spec.window()
     first, _ = suffix_window(stop - start, fraction)
     return list(range(start + first, stop))
 

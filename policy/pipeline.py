@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers.utils import logging as diffusers_logging
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -68,6 +69,10 @@ def build_pipeline(
     """
     if num_threads:
         torch.set_num_threads(num_threads)
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1":
+        # huggingface_hub's switch for its bars; diffusers' "Loading pipeline components"
+        # bar does not read it, so it is applied here (learner.console sets it)
+        diffusers_logging.disable_progress_bar()
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if path != TINY_RANDOM:

@@ -36,6 +36,7 @@ METRICS = [
     "solace_reward_actors_alive",
     "solace_step_seconds",
     "solace_eval",
+    "solace_reward_pool",
 ]
 CUSTOM = ("rollout", "reward", "learner")
 

@@ -240,6 +240,15 @@ def test_prometheus_endpoint_serves_the_metrics_during_a_run(tmp_path):
     finally:
         out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
+    # A quiet console: at most a screenful before the bar, no library chatter, a summary.
+    before_bar = out.split("train:")[0].splitlines()
+    assert len(before_bar) <= 24, "\n".join(before_bar)
+    for noise in ("Loading pipeline components", "torchvision", "Setting accelerator"):
+        assert noise not in out, noise
+    tail = out.rsplit("train:", 1)[-1]
+    for line in ("run directory:", "steps: 3 of 3", "reward self_confidence", "LoRA:",
+                 "continue: python -m learner.main --resume"):
+        assert line in tail, f"{line!r} not in the summary:\n{tail[-2000:]}"
     for name in ("solace_steps_total", "solace_samples_per_second", 'solace_reward_mean{reward="self_confidence"}',
                  "solace_advantage_std", "solace_ratio_mean", "solace_clip_fraction", "solace_staleness",
                  "solace_weight_push_seconds_bucket", "solace_queue_depth", "solace_reward_actors_alive",
@@ -254,3 +263,58 @@ def test_bad_config_fails_before_any_actor_starts():
     assert out.returncode != 0
     assert "grpo.group_size" in out.stderr and "Started a local Ray instance" not in out.stderr
     assert time.time() - started < 60
+
+
+def test_ema_weights_are_evaluated_saved_with_a_model_card_and_load_in_diffusers(local_ray,
+                                                                               tmp_path):
+    cfg = load_config(REPO / "configs/tiny_solace.yaml", SMALL + [
+        "train.steps=3", "learner.max_staleness=1", "ema.decay=0.5", "eval.every=2",
+        "eval.prompts_per_tag=1", "eval.per_prompt=1", "sampler.eval_num_steps=4",
+        "reward_pool.control_name=test-pool-ema"])
+    run_dir = train(cfg, tmp_path / "ema")
+    evals = [json.loads(line) for line in (run_dir / "evals.jsonl").read_text().splitlines()]
+    assert [e["version"] for e in evals] == [0, 2, 3]
+    assert all(e["eval/ema_decay"] == 0.5 for e in evals)
+    samples = _lines(run_dir / "samples.jsonl")
+    assert all(isinstance(r["prompt"], str) and r["prompt"] for r in samples)
+    for name in ("lora", "lora_ema"):
+        card = (run_dir / name / "README.md").read_text()
+        assert "tiny-random" in card and "steps: 3 of 3" in card and "self_confidence" in card
+    assert "EMA LoRA (decay 0.5)" in (run_dir / "lora_ema" / "README.md").read_text()
+    # TensorBoard holds the run's curves (metrics.jsonl's names) and its sample grids.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    steps = [e.step for e in events.Scalars("reward/self_confidence/mean")]
+    assert steps == [0, 1, 2] and "eval/shapes/strict" in events.Tags()["scalars"]
+    assert "samples" in events.Tags()["images"] and "config" in str(events.Tags())
+    assert (run_dir / "training.png").is_file()
+    # Both load in diffusers, and they differ: the average lags the weights.
+    pipe = build_tiny_pipeline(seed=0)
+    spec, seeds = SamplerSpec(num_steps=4), torch.tensor([1, 2])
+    images = {}
+    for name in ("lora", "lora_ema"):
+        pipe.load_lora_weights(run_dir / name, adapter_name=name)
+        pipe.set_adapters([name])
+        images[name] = sample_rollout(pipe, ["a photo of a star"] * 2, seeds, spec,
+                                      max_sequence_length=8).final
+    assert not torch.allclose(images["lora"], images["lora_ema"])
+
+
+def test_a_text_prompt_file_and_a_plain_jsonl_each_train_two_steps(local_ray, tmp_path):
+    """The formats beyond GenEval metadata (which every other run here uses): one prompt a
+    line (.txt) through the service, a jsonl of bare prompts through the sequential loop."""
+    text = tmp_path / "prompts.txt"
+    text.write_text("# a comment\na photo of a red circle\n\na watercolor of a lighthouse\n")
+    plain = tmp_path / "prompts.jsonl"
+    plain.write_text('{"prompt": "a photo of a blue star"}\n{"prompt": "a city at night"}\n')
+    over = SMALL + ["train.steps=2", "learner.max_staleness=0"]
+    run_dir = train(load_config(REPO / "configs/tiny_solace.yaml", over + [
+        f"train.prompts={text}", "reward_pool.control_name=test-pool-text"]), tmp_path / "text")
+    rows = _lines(run_dir / "samples.jsonl")
+    assert [m["step"] for m in _lines(run_dir / "metrics.jsonl")] == [0, 1]
+    assert {r["prompt"] for r in rows} == {"a photo of a red circle", "a watercolor of a lighthouse"}
+    seq_dir = sequential.train(load_config(REPO / "configs/tiny_solace.yaml", over + [
+        f"train.prompts={plain}"]), tmp_path / "plain")
+    assert [m["step"] for m in _lines(seq_dir / "metrics.jsonl")] == [0, 1]
