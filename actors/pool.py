@@ -3,7 +3,7 @@
 ``RewardPool`` lives in the driver and is the only place here that calls ``ray.get``.
 Each actor is :class:`ScorerActor`, a thin shell around a plain scorer (e.g.
 ``actors.reward.SelfConfidenceWorker``) that a picklable zero-argument ``factory``
-builds inside the actor. Why not Ray's ``ActorPool`` (DESIGN.md trap 10): it keeps one
+builds inside the actor. Why not Ray's ``ActorPool`` (docs/design.md trap 10): it keeps one
 task per actor and has no timeouts, retries or health handling.
 
 How a key flows (every submitted key is returned by ``collect`` exactly once, or its

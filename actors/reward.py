@@ -5,7 +5,7 @@ Every worker has the same call, ``score(rollout, weights) -> Scores``, so one po
 drives any of them.
 
 * :class:`SelfConfidenceWorker`: SOLACE's self-confidence with its own copy of the
-  policy, at the weight version that generated the rollout (DESIGN.md section 4).
+  policy, at the weight version that generated the rollout (docs/design.md section 4).
 * :class:`ExternalRewardWorker`: any scorer class named ``"module:Class"``, on images
   decoded by its own copy of the VAE; ``rewards.http:HttpScorer`` makes it the client of
   a remote reward server (``rewards.serve``).
@@ -98,7 +98,7 @@ class SelfConfidenceWorker:
         """Self-confidence of every sample; ``weights`` must be the rollout's own version.
 
         The version is loaded here when it is not the loaded one, so a restarted actor
-        scores with the right weights (DESIGN.md trap 7). Groups are runs of equal
+        scores with the right weights (docs/design.md trap 7). Groups are runs of equal
         prompt ids; each is scored with its own seeded probes (module docstring).
         """
         if weights.version != rollout.weight_version:

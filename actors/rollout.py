@@ -5,7 +5,7 @@ the actors are created, and the tests drive it directly.
 
 A worker serves exactly one weight version at a time, loaded from the learner's flat
 buffer (``policy.weights.FlatWeights``). It starts with none: a freshly started or
-restarted actor refuses to sample until it has been given a version (DESIGN.md
+restarted actor refuses to sample until it has been given a version (docs/design.md
 trap 7), so a rollout is never tagged with weights it was not made with. The service
 passes the version's weights with every call (``weights=``), so that a call Ray retries
 on a restarted actor samples with the same weights and seeds as the lost one.
@@ -40,7 +40,7 @@ class PolicyReplica:
     def __init__(self, model_path: str, dtype: str, device: str, num_threads: int,
                  lora: LoraSpec) -> None:
         # num_threads > 0 sets torch's CPU threads: inside a Ray actor torch would
-        # otherwise use the actor's num_cpus (DESIGN.md section 6).
+        # otherwise use the actor's num_cpus (docs/design.md section 6).
         self.pipe = build_pipeline(model_path, dtype, device, num_threads)
         add_lora(self.pipe.transformer, lora)
         self.device = device
@@ -57,7 +57,7 @@ class PolicyReplica:
         if self.version is None:
             raise RuntimeError(
                 "no weight version loaded: call set_weights (or pass the weights) before "
-                "serving; a restarted actor starts without weights (DESIGN.md trap 7)"
+                "serving; a restarted actor starts without weights (docs/design.md trap 7)"
             )
         return self.version
 

@@ -28,7 +28,7 @@ SD35M_SHAPE = dict(
 SD35M_CPU_SHAPE = dict(SD35M_SHAPE, num_layers=2, num_attention_heads=4,
                        caption_projection_dim=256, dual_attention_layers=(0,), sample_size=8)
 CLIP_TOKENS = 77  # SD3's joint text sequence is 77 CLIP tokens followed by the T5 tokens
-# bf16 matrix throughput of an H100 as DESIGN.md section 7 counts it (the spec sheet says 989
+# bf16 matrix throughput of an H100 as docs/design.md section 7 counts it (the spec sheet says 989
 # dense); H200 has the same tensor cores.
 PEAK_FLOPS = {"H100": 790e12, "H200": 790e12}
 

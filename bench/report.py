@@ -24,7 +24,7 @@ from bench.report_e2e import (
 )
 from bench.tables import TARGETS, med, spread, table, verdict
 
-# DESIGN.md section 7's estimate for SD3.5-M at 512 px.
+# docs/design.md section 7's estimate for SD3.5-M at 512 px.
 DESIGN_TFLOP_PER_IMAGE, DESIGN_CEILING = 570.0, 1.4
 
 
@@ -214,12 +214,12 @@ def gpu_section(results: dict) -> str:
             rows.append([p["name"], f"{med(p['stage_rate']):.2f}", f"{mfu:.0%}"])
         text += ["", table(["stage", "images/GPU/s", "MFU"], rows), "",
                  f"All stages on one GPU in turn: {pipeline:.2f} trained images/GPU/s, against a "
-                 f"ceiling of {ceiling:.2f} (counted FLOPs at 790 TFLOP/s) and DESIGN.md §7's "
+                 f"ceiling of {ceiling:.2f} (counted FLOPs at 790 TFLOP/s) and docs/design.md §7's "
                  f"{DESIGN_CEILING}."]
     text += [
         "", f"Model FLOPs at SD3.5-M's full shape (512 px, {g['full_text_len']} text tokens, "
         "LoRA r=32), counted by `torch.utils.flop_counter` on the meta device (no GPU needed):",
-        "", table(["quantity", "counted", "DESIGN.md §7"], [
+        "", table(["quantity", "counted", "docs/design.md §7"], [
             ["transformer parameters", f"{f['params'] / 1e9:.2f} B", "2.5 B"],
             ["forward, one image", f"{f['forward'] / 1e12:.2f} TFLOP", "~5.7 TFLOP"],
             ["sampling per image (T x CFG forwards)", f"{f['sampler'] / 1e12:.0f} TFLOP", "-"],
@@ -230,7 +230,7 @@ def gpu_section(results: dict) -> str:
             ["per trained image", f"{per_image / 1e12:.0f} TFLOP", f"~{DESIGN_TFLOP_PER_IMAGE:.0f} TFLOP"],
             ["ceiling at 790 TFLOP/s", f"{ceiling:.1f} images/GPU/s", f"~{DESIGN_CEILING}"],
         ]), "",
-        "The counted forward is below DESIGN.md's 2 x parameters x tokens because each stream's "
+        "The counted forward is below docs/design.md's 2 x parameters x tokens because each stream's "
         "weights see only its own tokens (image or text) and the adaLN modulation weights run "
         "once per image, not per token; backward through a frozen base with LoRA costs about "
         "one more forward (no weight gradients), not two. So the ceiling in §7 is conservative "

@@ -66,7 +66,7 @@ class SamplerConfig(_Section):
     eval_num_steps: int = Field(40, ge=2, description="denoising steps of evaluation samples")
     guidance_scale: float = Field(4.5, ge=1.0, description="CFG scale w (1 disables CFG)")
     noise_level: float = Field(0.7, gt=0.0, le=1.0, description="SDE noise level a")
-    sde_type: Literal["sde", "cps"] = Field("sde", description="stochastic step of DESIGN.md §4")
+    sde_type: Literal["sde", "cps"] = Field("sde", description="stochastic step of docs/design.md §4")
     sde_window: tuple[int, int] | None = Field(
         None, description="[start, stop) of stochastic steps; null = every step but the last"
     )

@@ -156,7 +156,7 @@ class LearnerRank:
 
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
                           MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
-        # Decline the shared-memory comm op: building it JIT-compiles for 30+ s (DESIGN.md §6).
+        # Decline the shared-memory comm op: building it JIT-compiles for 30+ s (docs/design.md §6).
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         backend = "nccl" if self.device.startswith("cuda") else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)

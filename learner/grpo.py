@@ -1,4 +1,4 @@
-"""Flow-GRPO advantages and the clipped policy loss (DESIGN.md section 4).
+"""Flow-GRPO advantages and the clipped policy loss (docs/design.md section 4).
 
 Pure torch: no ray, no deepspeed, so the math is tested on its own.
 
@@ -46,7 +46,7 @@ def group_advantages(
     """``A = (r - mean_group) / (std + eps)``, clipped to ``[-clip, clip]``.
 
     ``std`` is the std of every reward in the step (``"global"``, the SD3 default; it
-    needs the whole step's rewards, DESIGN.md trap 4) or of the sample's group.
+    needs the whole step's rewards, docs/design.md trap 4) or of the sample's group.
     Groups whose rewards are all equal are dropped (``keep=False``, advantage 0).
     """
     if rewards.shape != group_ids.shape or rewards.ndim != 1:

@@ -1,7 +1,7 @@
 """Loading the SD3 pipeline, attaching LoRA, and running the base model for KL.
 
 The policy is a frozen SD3 pipeline plus one peft LoRA adapter on the transformer.
-The KL reference (DESIGN.md section 4) is the same transformer with the adapter
+The KL reference (docs/design.md section 4) is the same transformer with the adapter
 disabled, so no second copy of the weights is kept.
 
 Imports torch, diffusers, peft and the standard library only.
@@ -119,7 +119,7 @@ def _modules(pipe: StableDiffusion3Pipeline) -> list[torch.nn.Module]:
 
 @dataclass(frozen=True)
 class LoraSpec:
-    """Shape and placement of the LoRA adapter (DESIGN.md defaults for SD3.5-M)."""
+    """Shape and placement of the LoRA adapter (docs/design.md defaults for SD3.5-M)."""
 
     rank: int = 32
     """LoRA rank r."""

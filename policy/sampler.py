@@ -1,7 +1,7 @@
 """SDE sampling of SD3 trajectories with per-step log-probs, and the shared step.
 
 The sampler and the training-time log-prob recompute (``policy.logprob``) both call
-:func:`denoise_step`, so the on-policy ratio is exactly 1 by construction (DESIGN.md
+:func:`denoise_step`, so the on-policy ratio is exactly 1 by construction (docs/design.md
 trap 1). The math is stateless: sigmas are passed in, the diffusers scheduler is never
 stepped (trap 2).
 
@@ -153,7 +153,7 @@ def sd3_sigmas(num_steps: int, shift: float = 3.0, num_train_timesteps: int = 10
 
     The values ``StableDiffusion3Pipeline`` gets from
     ``FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(T)`` (no dynamic
-    shifting), computed here so that no scheduler state is involved (DESIGN.md trap 2).
+    shifting), computed here so that no scheduler state is involved (docs/design.md trap 2).
     The scheduler spaces timesteps linearly between its largest and smallest *shifted*
     training sigma and then shifts again, so the last nonzero sigma is tiny (~0.009 at
     shift 3): the last step's Gaussian is nearly degenerate (trap 3).

@@ -3,7 +3,7 @@
 SD3 conventions (diffusers): ``x_s = (1 - s) x0 + s eps``, velocity ``v = eps - x0``,
 sigmas run from 1 to 0 and ``dt = s_next - s < 0``.
 
-Two step types, as in DESIGN.md section 4:
+Two step types, as in docs/design.md section 4:
 
 * ``"sde"``: the Euler-Maruyama discretisation of the reverse SDE whose marginals
   match the flow ODE (Flow-GRPO). ``std_t = a sqrt(s / (1 - s'))`` with ``s' = s``,
@@ -68,7 +68,7 @@ def sde_step_with_logprob(
         sample: ``x_s``, ``[B, C, H, W]``.
         velocity: the model's ``v`` at ``(x_s, s)`` (after CFG), ``[B, C, H, W]``.
         sigma, sigma_next: ``[B]`` (or scalar) noise levels, ``sigma_next < sigma``.
-        noise_level: ``a`` in DESIGN.md; must be > 0 (use a plain Euler step for ODE).
+        noise_level: ``a`` in docs/design.md; must be > 0 (use a plain Euler step for ODE).
         prev_sample: ``x_{s_next}`` to score (training); if None it is sampled.
         noise: standard normal ``[B, C, H, W]`` used to sample ``prev_sample``;
             drawn with ``torch.randn`` when both it and ``prev_sample`` are None.

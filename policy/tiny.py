@@ -1,6 +1,6 @@
 """A tiny, random-weight `StableDiffusion3Pipeline` built entirely offline.
 
-The shapes world (DESIGN.md section 5) needs a real SD3 pipeline that a laptop can
+The shapes world (docs/design.md section 5) needs a real SD3 pipeline that a laptop can
 run and that no hub download is needed for. Every component is the stock diffusers /
 transformers class, only small:
 

@@ -1,7 +1,7 @@
 """LoRA weights as one flat, versioned buffer: what the learner publishes to the actors.
 
 Pushing a state dict parameter by parameter, or by value to each actor, is slow
-(DESIGN.md trap 6): the learner flattens the adapter into one contiguous fp32 numpy
+(docs/design.md trap 6): the learner flattens the adapter into one contiguous fp32 numpy
 array, ``ray.put``s it once, and hands the reference to every actor. numpy arrays are
 read zero-copy from Ray's object store, so an actor on the same node maps the buffer
 rather than copying it.

@@ -1,4 +1,4 @@
-"""SOLACE's intrinsic self-confidence reward (seed 000, DESIGN.md section 4).
+"""SOLACE's intrinsic self-confidence reward (docs/design.md section 4).
 
 For a generated latent ``z0`` and its prompt ``c``, re-inject noise at the probe steps
 and measure how well the model recovers it, without CFG:
@@ -124,7 +124,7 @@ def self_confidence(
         generator: draws the probes (CPU); pass a seeded one for reproducible rewards.
     """
     batch = z0.shape[0]
-    num_trainable = len(sigmas) - 2  # the last step is never trained (DESIGN.md trap 3)
+    num_trainable = len(sigmas) - 2  # the last step is never trained (docs/design.md trap 3)
     start, stop = probe_window or suffix_window(num_trainable, 0.5)
     if not 0 <= start < stop <= len(sigmas) - 1:
         raise ValueError(f"probe_window {probe_window} must lie within [0, {len(sigmas) - 1})")

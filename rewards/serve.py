@@ -21,7 +21,7 @@ Routes (``rewards/wire.py`` has the JSON schema):
 Security: every request must carry ``Authorization: Bearer <token>`` (compared as bytes
 with ``hmac.compare_digest``); the server refuses to start without a token unless given
 ``--insecure-no-token``. Bodies are parsed as JSON with a strict schema, never unpickled
-(DESIGN.md trap 9). ``--cert``/``--key`` serve HTTPS. PNG sizes are checked from their
+(docs/design.md trap 9). ``--cert``/``--key`` serve HTTPS. PNG sizes are checked from their
 headers, for all images of a request, before any pixel is decoded. No log line or error
 body holds the token, or more than ``wire.CLIP_CHARS`` characters of any input.
 

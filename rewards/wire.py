@@ -4,7 +4,7 @@ In process, a scorer is a class named ``"package.module:Class"``; an instance is
 as ``scorer(images uint8 [N,H,W,3], prompts, metadata) -> [N]`` (or an object with
 ``.reward`` or ``.partial``, and optionally ``.strict`` and ``.details``).
 
-On the wire (``POST /score``, JSON only; nothing here ever unpickles, DESIGN.md trap 9)::
+On the wire (``POST /score``, JSON only; nothing here ever unpickles, docs/design.md trap 9)::
 
     request   {"prompts": [str] * N, "metadata": [object] * N, "images": [base64 PNG] * N}
     response  {"scores": [float] * N, "details": [object] * N, "name": str, "version": str,

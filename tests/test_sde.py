@@ -132,7 +132,7 @@ def test_sigmas_match_the_diffusers_scheduler(steps):
 
 
 def test_suffix_window():
-    assert suffix_window(9, 0.5) == (4, 9)  # DESIGN.md: 5 probe/trained steps of 9
+    assert suffix_window(9, 0.5) == (4, 9)  # docs/design.md: 5 probe/trained steps of 9
     assert suffix_window(9, 0.6) == (3, 9)
     assert suffix_window(9, 1.0) == (0, 9)
     assert suffix_window(3, 0.01) == (2, 3)
