@@ -44,6 +44,7 @@ import yaml
 from PIL import Image
 from tqdm import tqdm
 
+from actors.pool import RewardError
 from learner import console, evaluation, reaper
 from learner.charts import plot_training
 from learner.config import SC, Config, ConfigError, load_config
@@ -246,7 +247,10 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
     (run_dir / "config.yaml").write_text(resolved)
     eval_set = (evaluation.eval_rows(load_prompts(cfg.eval.prompts), cfg.eval.prompts_per_tag)
                 if cfg.eval.every else [])
-    service = Service(cfg, rows, eval_set)
+    try:
+        service = Service(cfg, rows, eval_set)
+    except RewardError as e:  # a reward's actors could not start (import, weights, resources)
+        raise RunFailed(f"{e}; the run did not start (no step was taken)") from e
     cursor, start = PromptCursor(rows, cfg.seed, mix=cfg.train.prompt_mix), 0
     if saved is not None:
         service.learner.load_state_dict(saved["learner"])

@@ -44,6 +44,9 @@ class PrometheusMetrics:
                           "(submitted, completed, failed, retries, timeouts, actor_errors, "
                           "scorer_errors, ...) and its size, alive and pending",
                           ["reward", "counter"], registry=r)
+        self.train = Gauge("solace_train", "the update's numbers: loss/total, loss/policy, "
+                           "loss/kl, loss/grad_norm, loss/ratio_min and _max, ...", ["metric"],
+                           registry=r)
         self.eval = Gauge("solace_eval", "held-out evaluation of the latest weights", ["metric"],
                           registry=r)
         self.reward_names = reward_names
@@ -71,6 +74,9 @@ class PrometheusMetrics:
         self.alive.set(m.get("reward/pool/alive", 0.0))
         for phase, key in PHASES.items():
             self.phase.labels(phase=phase).set(m[key])
+        for key, value in m.items():  # the update's: every loss/* key, under its own name
+            if key.startswith("loss/") and isinstance(value, int | float):
+                self.train.labels(metric=key[len("loss/"):]).set(value)
         for key, value in m.items():  # reward/pool/* (self-confidence), reward/<name>/pool/*
             parts = key.split("/")
             if parts[0] == "reward" and "pool" in parts[1:3] and len(parts) in (3, 4):

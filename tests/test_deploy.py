@@ -37,6 +37,7 @@ METRICS = [
     "solace_step_seconds",
     "solace_eval",
     "solace_reward_pool",
+    "solace_train",
 ]
 CUSTOM = ("rollout", "reward", "learner")
 

@@ -40,3 +40,12 @@ def test_every_reward_pool_is_served_with_its_counters():
               if metric.name == "solace_reward_pool" for s in metric.samples}
     assert served == {("self_confidence", "retries"): 1.0, ("self_confidence", "alive"): 2,
                       ("shapes", "scorer_errors"): 3.0, ("shapes", "timeouts"): 0.0}
+
+
+def test_the_updates_numbers_are_served_one_series_each():
+    m = PrometheusMetrics(0, ["self_confidence"])
+    m.update(STEP | {"reward/self_confidence/mean": -0.1, "loss/total": 0.5, "loss/kl": 0.01,
+                     "loss/grad_norm": 2.0, "loss/ratio_min": 0.99})
+    served = {s.labels["metric"]: s.value for metric in m.registry.collect()
+              if metric.name == "solace_train" for s in metric.samples}
+    assert served == {"total": 0.5, "kl": 0.01, "grad_norm": 2.0, "ratio_min": 0.99}
