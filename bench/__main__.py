@@ -46,7 +46,7 @@ class Settings:
 
 FULL = Settings(5, 3, 8, 2, ("1 rollout, 2 reward", "2 rollout, 1 reward",
                               "1 rollout, 1 reward, 2 threads each"), (1, 10, 100), 5)
-QUICK = Settings(1, 1, 3, 1, ("1 rollout, 2 reward", "2 rollout, 1 reward"), (1, 10), 2)
+QUICK = Settings(1, 1, 3, 1, ("2 rollout, 1 reward",), (1, 10), 2)
 
 
 def log(message: str) -> None:

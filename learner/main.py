@@ -412,13 +412,22 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
                 metrics = {}
                 if adv.keep.any():
                     updating = True  # from here to the new version, no checkpoint is whole
-                    pending_update = service.learner.submit_train_step(
-                        work.refs, adv.values.numpy(), adv.keep.numpy(), steps_trained)
-                    service.wait_update(pending_update, inflight)  # scoring of step + 1 goes on
-                    metrics = service.learner.finish_train_step(pending_update)
-                    check_finite_update(step, metrics, run_dir)
+                    compute_s, first = 0.0, None
+                    # grpo.inner_epochs optimizer steps on the step's samples (PPO's epochs;
+                    # the clipped objective keeps them near the sampling policy)
+                    for _ in range(cfg.grpo.inner_epochs):
+                        pending_update = service.learner.submit_train_step(
+                            work.refs, adv.values.numpy(), adv.keep.numpy(), steps_trained)
+                        service.wait_update(pending_update, inflight)  # scoring goes on
+                        metrics = service.learner.finish_train_step(pending_update)
+                        check_finite_update(step, metrics, run_dir)
+                        compute_s += metrics.pop("timing/update_s")
+                        first = first or metrics
+                    # the first epoch's ratio is the on-policy check; the rest: the last epoch's
+                    metrics["loss/first_ratio_max_dev"] = first["loss/first_ratio_max_dev"]
+                    metrics["loss/inner_epochs"] = cfg.grpo.inner_epochs
                     # the ranks' own compute time; timing/update_s below is the driver's wait
-                    metrics["timing/learner_compute_s"] = metrics.pop("timing/update_s")
+                    metrics["timing/learner_compute_s"] = compute_s
                 t2 = time.perf_counter()
                 # update -> publish weights v+1 to every rollout actor
                 version += 1

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench.report_e2e import limit_text, pipeline_bound, step_limits
 from bench.service import Run, overlap_share, timeline_phases
 from bench.tables import spread
@@ -20,6 +22,7 @@ SECTIONS = ["# Benchmarks", "## Summary", "## 1. Sampler efficiency",
             "## Step-time breakdown", "## Where targets are missed", "## Other benchmarks"]
 
 
+@pytest.mark.slow  # minutes of Ray runs: `pytest -m slow` (README, Tests)
 def test_quick_mode_writes_every_section(tmp_path):
     out = tmp_path / "BENCHMARKS.md"
     proc = subprocess.run(

@@ -122,12 +122,15 @@ def test_on_policy_ratio_is_one_every_step_and_resume_continues(local_ray, tmp_p
     run_dir = tmp_path / "sync"
     # With an external reward actor (ShapesEval) beside self-confidence: the hybrid rule.
     shapes = '[{name: shapes, target: "rewards.shapes:ShapesReward", weight: 0.5}]'
-    over = SMALL + ["learner.max_staleness=0", "train.save_every=1",
+    # Two optimizer steps per training step (grpo.inner_epochs), as the sequential loop has.
+    over = SMALL + ["learner.max_staleness=0", "train.save_every=1", "grpo.inner_epochs=2",
+                    "grpo.objective=clipped",
                     "reward_pool.control_name=test-pool-sync", f"external_rewards={shapes}"]
     train(load_config(REPO / "configs/tiny_solace.yaml", over + ["train.steps=2"]), run_dir)
     first = _lines(run_dir / "metrics.jsonl")
     assert all(m["rollout/staleness"] == 0 for m in first)
     assert all(m["loss/first_ratio_max_dev"] < 1e-5 for m in first)
+    assert all(m["loss/inner_epochs"] == 2 for m in first)
 
     # The single-process loop, same config and seed (the external reward too), sees the
     # same first-step rewards, sample by sample.

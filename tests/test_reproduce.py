@@ -130,6 +130,7 @@ def test_charts_and_grids_draw(tmp_path):
         rpt.before_after(tmp_path / "g.png", base, images(["colors", "counting"], 1), "r")
 
 
+@pytest.mark.slow  # minutes of Ray runs: `pytest -m slow` (README, Tests)
 def test_quick_mode_end_to_end_and_a_rerun_skips_and_keeps_the_reading(tmp_path, capsys):
     out = tmp_path / "results"
     quick = ["--quick", "--only", "solace_s0", "control_s0", "--out", str(out)]
