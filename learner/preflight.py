@@ -26,7 +26,7 @@ from pathlib import Path
 
 from learner.config import Config, ExternalRewardConfig
 from learner.prompts import load_prompts
-from policy.pipeline import MODEL_INDEX, TINY_RANDOM, _looks_local
+from policy.pipeline import MODEL_INDEX, TINY_RANDOM, looks_local
 
 BUILTIN_MODELS = (TINY_RANDOM,)  # names policy.pipeline.build_pipeline builds itself
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name, as the hub spells ids
@@ -67,7 +67,7 @@ def preflight(cfg: Config) -> None:
 def check_model(cfg: Config) -> None:
     """``model.path`` is a builtin name, a diffusers directory, or a hub id that can load.
 
-    Follows ``policy.pipeline.load_pipeline``'s own reading of the path (``_looks_local``),
+    Follows ``policy.pipeline.load_pipeline``'s own reading of the path (``looks_local``),
     so a typo under an existing folder is a missing directory here too, not a hub id.
     """
     path = cfg.model.path
@@ -75,7 +75,7 @@ def check_model(cfg: Config) -> None:
         return
     expected = (f"a diffusers pipeline directory holding {MODEL_INDEX}, a hub id "
                 f"'org/name', or {' / '.join(BUILTIN_MODELS)}")
-    if _looks_local(path):
+    if looks_local(path):
         local = Path(path).expanduser()
         if not local.is_dir():
             raise PreflightError(f"model.path {path!r}: no such directory; expected {expected}")

@@ -36,7 +36,7 @@ def load_pipeline(
     passed as None explicitly: diffusers refuses a null non-optional component
     otherwise.
     """
-    if _looks_local(name_or_path):
+    if looks_local(name_or_path):
         _check_pipeline_dir(Path(name_or_path))
     config = StableDiffusion3Pipeline.load_config(name_or_path)
     absent = {name: None for name, value in config.items() if value == [None, None]}
@@ -85,7 +85,7 @@ def build_pipeline(
     return pipe
 
 
-def _looks_local(name_or_path: str) -> bool:
+def looks_local(name_or_path: str) -> bool:
     """True unless `name_or_path` reads as a hub id ("org/name" with no local match).
 
     A relative path whose first folder exists here ("models/tiny" next to `models/`)
