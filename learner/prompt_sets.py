@@ -31,9 +31,13 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
+
+from shapes import prompts as shapes_rows
+from shapes.prompts import with_article
 
 # GenEval's names of the 80 COCO classes, in the COCO detector's label order.
 COCO_CLASSES = (
@@ -76,11 +80,6 @@ DEFAULT_OUT = Path(__file__).resolve().parent.parent / "configs" / "prompts"
 # -- wording ----------------------------------------------------------------------------
 
 
-def with_article(words: str) -> str:
-    """'a dog', 'an orange car' (GenEval's rule: a vowel letter takes 'an')."""
-    return f"an {words}" if words[0] in "aeiou" else f"a {words}"
-
-
 def noun(cls: str, color: str | None = None) -> str:
     """One object of ``cls``: 'a dog', 'a red dog', 'a pair of red skis'."""
     words = f"{color} {cls}" if color else cls
@@ -99,42 +98,14 @@ def plural(cls: str) -> str:
 # -- rows (GenEval's metadata schema) ---------------------------------------------------
 
 
-def single_object(cls: str) -> dict:
-    return {"tag": "single_object", "include": [{"class": cls, "count": 1}],
-            "prompt": f"a photo of {noun(cls)}"}
-
-
-def two_object(cls_a: str, cls_b: str) -> dict:
-    return {"tag": "two_object",
-            "include": [{"class": cls_a, "count": 1}, {"class": cls_b, "count": 1}],
-            "prompt": f"a photo of {noun(cls_a)} and {noun(cls_b)}"}
-
-
-def counting(cls: str, n: int) -> dict:
-    """The exclude clause makes the count exact: n + 1 of them fails."""
-    return {"tag": "counting", "include": [{"class": cls, "count": n}],
-            "exclude": [{"class": cls, "count": n + 1}],
-            "prompt": f"a photo of {NUMBERS[n]} {plural(cls)}"}
-
-
-def colors(color: str, cls: str) -> dict:
-    return {"tag": "colors", "include": [{"class": cls, "count": 1, "color": color}],
-            "prompt": f"a photo of {noun(cls, color)}"}
-
-
-def position(cls_a: str, relation: str, cls_b: str) -> dict:
-    """A <relation> B: include[0] is B, the target; include[1] is A, placed relative to it."""
-    return {"tag": "position",
-            "include": [{"class": cls_b, "count": 1},
-                        {"class": cls_a, "count": 1, "position": [relation, 0]}],
-            "prompt": f"a photo of {noun(cls_a)} {relation} {noun(cls_b)}"}
-
-
-def color_attr(color_a: str, cls_a: str, color_b: str, cls_b: str) -> dict:
-    return {"tag": "color_attr",
-            "include": [{"class": cls_a, "count": 1, "color": color_a},
-                        {"class": cls_b, "count": 1, "color": color_b}],
-            "prompt": f"a photo of {noun(cls_a, color_a)} and {noun(cls_b, color_b)}"}
+# shapes.prompts writes each tag's row; only the wording (noun, plural) is COCO's here
+_WORDING = {"noun": noun, "plural": plural}
+single_object = partial(shapes_rows.single_object, **_WORDING)
+two_object = partial(shapes_rows.two_object, **_WORDING)
+counting = partial(shapes_rows.counting, **_WORDING)
+colors = partial(shapes_rows.colors, **_WORDING)
+position = partial(shapes_rows.position, **_WORDING)
+color_attr = partial(shapes_rows.color_attr, **_WORDING)
 
 
 # Each tag's parameter space as axes of choices; a point of it is one row (or none, where

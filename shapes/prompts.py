@@ -46,47 +46,56 @@ def plural(name: str) -> str:
     return f"{name}es" if name.endswith("s") else f"{name}s"
 
 
-def single_object(cls: str) -> dict:
+def noun(cls: str, color: str | None = None) -> str:
+    """One object: 'a square', 'an orange circle'."""
+    return with_article(f"{color} {cls}" if color else cls)
+
+
+# GenEval's row of each tag. ``noun`` and ``plural`` give the wording, so that another
+# vocabulary (learner.prompt_sets' COCO classes) writes the same rows in its own words.
+
+
+def single_object(cls: str, noun=noun, plural=plural) -> dict:
     """'a photo of a square'."""
     return {"tag": "single_object", "include": [{"class": cls, "count": 1}],
-            "prompt": f"a photo of {with_article(cls)}"}
+            "prompt": f"a photo of {noun(cls)}"}
 
 
-def two_object(cls_a: str, cls_b: str) -> dict:
+def two_object(cls_a: str, cls_b: str, noun=noun, plural=plural) -> dict:
     """'a photo of a circle and a star'."""
     return {"tag": "two_object",
             "include": [{"class": cls_a, "count": 1}, {"class": cls_b, "count": 1}],
-            "prompt": f"a photo of {with_article(cls_a)} and {with_article(cls_b)}"}
+            "prompt": f"a photo of {noun(cls_a)} and {noun(cls_b)}"}
 
 
-def counting(cls: str, n: int) -> dict:
+def counting(cls: str, n: int, noun=noun, plural=plural) -> dict:
     """'a photo of three triangles'; the exclude clause makes the count exact."""
     return {"tag": "counting", "include": [{"class": cls, "count": n}],
             "exclude": [{"class": cls, "count": n + 1}],
             "prompt": f"a photo of {NUMBERS[n]} {plural(cls)}"}
 
 
-def colors(color: str, cls: str) -> dict:
+def colors(color: str, cls: str, noun=noun, plural=plural) -> dict:
     """'a photo of a red circle'."""
     return {"tag": "colors", "include": [{"class": cls, "count": 1, "color": color}],
-            "prompt": f"a photo of {with_article(color)} {cls}"}
+            "prompt": f"a photo of {noun(cls, color)}"}
 
 
-def position(cls_a: str, relation: str, cls_b: str) -> dict:
+def position(cls_a: str, relation: str, cls_b: str, noun=noun, plural=plural) -> dict:
     """'a photo of a circle left of a square': include[1] (A) is <relation> include[0] (B)."""
     return {"tag": "position",
             "include": [{"class": cls_b, "count": 1},
                         {"class": cls_a, "count": 1, "position": [relation, 0]}],
-            "prompt": f"a photo of {with_article(cls_a)} {relation} {with_article(cls_b)}"}
+            "prompt": f"a photo of {noun(cls_a)} {relation} {noun(cls_b)}"}
 
 
-def color_attr(color_a: str, cls_a: str, color_b: str, cls_b: str) -> dict:
+def color_attr(color_a: str, cls_a: str, color_b: str, cls_b: str, noun=noun,
+               plural=plural) -> dict:
     """'a photo of a red circle and a blue square'."""
     return {"tag": "color_attr",
             "include": [{"class": cls_a, "count": 1, "color": color_a},
                         {"class": cls_b, "count": 1, "color": color_b}],
-            "prompt": f"a photo of {with_article(color_a)} {cls_a} and "
-                      f"{with_article(color_b)} {cls_b}"}
+            "prompt": f"a photo of {noun(cls_a, color_a)} and {noun(cls_b, color_b)}"}
 
 
 def enumerate_prompts(tag: str) -> list[dict]:
