@@ -179,14 +179,15 @@ def test_sigterm_then_sigkill_then_resume_gives_the_uninterrupted_run(uninterrup
     assert_same_run(run_dir, uninterrupted)
 
 
-def _pids(title: str, since: float) -> list[int]:
-    """PIDs of live actors started after ``since`` (this run's, not an earlier run's that
-    is still exiting), found by the process title Ray gives them."""
+def _pids(title: str, before: frozenset[int] = frozenset()) -> list[int]:
+    """PIDs of live actors of class ``title``, found by the process title Ray gives them,
+    leaving out ``before`` (an earlier run's, still exiting). Start times cannot tell: Ray
+    turns idle workers it started earlier into new actors."""
     import psutil
 
-    return [p.pid for p in psutil.process_iter(["cmdline", "create_time"])
+    return [p.pid for p in psutil.process_iter(["cmdline"])
             if p.info["cmdline"] and p.info["cmdline"][0].startswith(f"ray::{title}")
-            and p.info["create_time"] >= since]
+            and p.pid not in before]
 
 
 def test_a_rollout_actor_killed_is_restarted_and_a_dead_learner_stops_resumably(uninterrupted,
@@ -199,14 +200,21 @@ def test_a_rollout_actor_killed_is_restarted_and_a_dead_learner_stops_resumably(
                       OVERRIDES + ["reward_pool.control_name=test-rel-actor-kill"])
     run_dir = tmp_path / "actor-kill"
     killed: dict[str, int] = {}
-    started = time.time()
+    earlier = frozenset(_pids("RolloutWorker") + _pids("LearnerRank"))
+
+    def ready(title: str) -> bool:
+        if title == "RolloutWorker":  # step 0 is logged: step 1 is sampling
+            return len(_lines(run_dir / "metrics.jsonl")) >= 1
+        # the step-2 checkpoint is whole: the next call to the learner is step 2's update
+        # (killed earlier, the rank would die inside that checkpoint and leave none)
+        return latest_checkpoint(run_dir) is not None
 
     def operator():
-        for lines, title in ((1, "RolloutWorker"), (2, "LearnerRank")):
+        for title in ("RolloutWorker", "LearnerRank"):
             deadline = time.monotonic() + 300
-            while len(_lines(run_dir / "metrics.jsonl")) < lines and time.monotonic() < deadline:
+            while not ready(title) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            pids = _pids(title, started)
+            pids = _pids(title, earlier)
             if pids:
                 os.kill(pids[0], signal.SIGKILL)
                 killed[title] = pids[0]
@@ -219,8 +227,9 @@ def test_a_rollout_actor_killed_is_restarted_and_a_dead_learner_stops_resumably(
     assert set(killed) == {"RolloutWorker", "LearnerRank"}, killed
     message = str(failed.value)
     assert "learner" in message and "--resume" in message and "checkpoint" in message, message
-    # Steps 0-1 went through the rollout actor's death; the learner's took step 2 or 3.
-    assert len(_lines(run_dir / "metrics.jsonl")) >= 2
+    # Steps 0-1 went through the rollout actor's death; the learner's took step 2's update.
+    assert len(_lines(run_dir / "metrics.jsonl")) == 2
+    assert "update of step 2" in message, message
     train(load_config(run_dir / "config.yaml"), run_dir, resume=True)
     assert_same_run(run_dir, uninterrupted)
 
