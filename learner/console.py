@@ -75,8 +75,9 @@ def summary(run_dir: Path, total_steps: int) -> list[str]:
     evals = _lines(run_dir / "evals.jsonl")
     if evals:
         e = evals[-1]
-        shown = {k[5:]: v for k, v in e.items() if k.startswith("eval/")
-                 and k.endswith(("/strict", "/mean")) and k.count("/") == 2}
+        from learner.evaluation import headline  # (shapes and plots: imported when used)
+
+        shown = headline(e)
         out.append(f"last evaluation (version {e.get('version')}): "
                    + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
     for label, name in (("LoRA", "lora"), ("EMA LoRA", "lora_ema"), ("sample grids", "grids"),

@@ -104,6 +104,14 @@ def write(run_dir: Path, result: EvalResult) -> None:
                 + "\n")
 
 
+def headline(summary: dict) -> dict[str, float]:
+    """The scores a person reads of one evaluation summary, by name without ``eval/``:
+    ShapesEval strict overall and each reward's mean (``shapes/strict``,
+    ``self_confidence/mean``, ...), not the per-tag breakdowns."""
+    return {k[5:]: v for k, v in summary.items() if k.startswith("eval/")
+            and k.endswith(("/strict", "/mean")) and k.count("/") == 2}
+
+
 def read_evals(run_dir: Path) -> dict[int, list[dict]]:
     """``{version: [image rows]}`` from eval_samples.jsonl (a repeated version: the last)."""
     path = run_dir / "eval_samples.jsonl"

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from learner.ema import WeightsEMA
+from learner.evaluation import headline
 from learner.service import Service, StepWork
 from policy.pipeline import save_lora_state
 from policy.weights import unflatten_weights
@@ -138,8 +139,7 @@ def model_card(run_dir: Path, cfg, step: int) -> str:
         lines.append(f"* last step ({metrics.get('step')}) batch-mean rewards: "
                      + ", ".join(f"{k} {v:+.4f}" for k, v in means.items()))
     if evaluation:
-        shown = {k[5:]: v for k, v in evaluation.items() if k.startswith("eval/")
-                 and k.endswith(("/strict", "/mean")) and k.count("/") == 2}
+        shown = headline(evaluation)
         lines.append(f"* held-out evaluation at version {evaluation.get('version')}: "
                      + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
     lines += ["", "Load it with diffusers:", "", "```python",
