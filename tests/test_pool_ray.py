@@ -257,3 +257,26 @@ def test_real_self_confidence_worker_as_an_actor(cluster):
     assert scores.sample_keys == expected.sample_keys
     np.testing.assert_array_equal(scores.reward, expected.reward)
     np.testing.assert_array_equal(scores.per_step, expected.per_step)
+
+
+def test_best_of_n_spread_over_ray_actors_gives_the_local_answers(cluster):
+    """Two real actors on a local Ray instance, prompts dealt round-robin: the same
+    choices, scores and images as one process, in prompt order."""
+    import numpy as np
+
+    from actors.verify import verify_on_ray
+    from policy.pipeline import build_pipeline
+    from policy.sampler import SamplerSpec
+    from rewards.verifier import VerifierSpec, best_of_n
+
+    spec, verifier = SamplerSpec(num_steps=6), VerifierSpec(num_probes=4)
+    prompts = ["a photo of a red circle", "a photo of two stars", "a photo of a square"]
+    local = best_of_n(build_pipeline("tiny-random"), prompts, 3, spec, verifier, seed=5,
+                      early_step=2, keep=2)
+    spread = verify_on_ray(prompts, 3, spec, verifier, model_path="tiny-random", actors=2,
+                           seed=5, early_step=2, keep=2)
+    assert spread.chosen.tolist() == local.chosen.tolist()
+    np.testing.assert_allclose(spread.scores, local.scores, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(spread.early, local.early, rtol=1e-5, atol=1e-6)
+    assert np.array_equal(spread.seeds, local.seeds)
+    assert np.abs(spread.images.astype(int) - local.images.astype(int)).max() <= 1
