@@ -33,7 +33,7 @@ from policy.sampler import (
     encode_prompts,
 )
 from policy.weights import FlatWeights
-from rewards.self_confidence import Aggregation, score_rollout
+from rewards.self_confidence import Aggregation, score_rollout, score_steps
 from rewards.wire import import_scorer, reward_array  # the scorer contract (re-exported here)
 
 
@@ -46,6 +46,8 @@ class Scores:
     per_step: np.ndarray | None  # [B, P] float32 S_t per probe step; None for external rewards
     weight_version: int  # the policy version that made (and, for self-confidence, scored) them
     reward_name: str
+    # [B, S+1] self-confidence along the trajectory (grpo.credit per_step); else None
+    step_scores: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.sample_keys)
@@ -78,6 +80,7 @@ class SelfConfidenceWorker:
         aggregation: Aggregation = "paper",
         guidance_scale: float = 1.0,
         scoring_policy: Literal["current", "base"] = "current",
+        credit_steps: Sequence[int] | None = None,
     ) -> None:
         self.policy = PolicyReplica(model_path, dtype, device, num_threads, lora)
         self.max_sequence_length = max_sequence_length
@@ -88,6 +91,11 @@ class SelfConfidenceWorker:
         self.guidance_scale, self.scoring_policy = guidance_scale, scoring_policy
         self.negative = (encode_prompts(self.policy.pipe, [""], max_sequence_length)
                          if guidance_scale != 1.0 else None)
+        # Per-step credit (grpo.credit per_step): also score the predicted clean latent at
+        # each trained step, with the sampler's CFG velocity (its empty-prompt negative).
+        self.credit_steps = list(credit_steps) if credit_steps else None
+        self.sampling_negative = (encode_prompts(self.policy.pipe, [""], max_sequence_length)
+                                  if self.credit_steps else None)
 
     @property
     def version(self) -> int | None:
@@ -116,12 +124,19 @@ class SelfConfidenceWorker:
             reward, per_step = score_rollout(
                 transformer, r, cond, self.run_seed, self.num_probes, self.probe_fraction,
                 self.delta, self.aggregation, self.guidance_scale, self.negative)
+            steps = None
+            if self.credit_steps:
+                steps = score_steps(
+                    transformer, r, cond, self.run_seed, self.credit_steps,
+                    self.sampling_negative, self.num_probes, self.probe_fraction, self.delta,
+                    self.aggregation, self.guidance_scale, self.negative).float().cpu().numpy()
         return Scores(
             sample_keys=sample_keys(rollout),
             reward=reward.float().cpu().numpy(),
             per_step=per_step.float().cpu().numpy(),
             weight_version=version,
             reward_name=self.reward_name,
+            step_scores=steps,
         )
 
 

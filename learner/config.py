@@ -161,6 +161,13 @@ class GrpoConfig(_Section):
     max_grad_norm: float = Field(1.0, gt=0.0, description="gradient norm clip")
     micro_batch: int = Field(8, ge=1, description="samples per forward/backward")
     inner_epochs: int = Field(1, ge=1, description="passes over each step's samples")
+    credit: Literal["trajectory", "per_step"] = Field(
+        "trajectory", description="'trajectory': one advantage per sample for every trained "
+        "step (Flow-GRPO); 'per_step': trained step j gets the gain in self-confidence of "
+        "the sampler's predicted clean latent from step j to j+1 (the final latent after "
+        "the last), normalised per step within the group (self-confidence must be the only "
+        "trained reward; docs/credit.md)"
+    )
 
 
     @model_validator(mode="after")
@@ -459,6 +466,19 @@ class Config(_Section):
                     "reward_pool.timeout_s")
         return self
 
+
+    @model_validator(mode="after")
+    def _per_step_credit_has_its_reward(self) -> Config:
+        if self.grpo.credit != "per_step":
+            return self
+        trained = [r.name for r in self.external_rewards if r.weight != 0]
+        if not self.self_confidence.enabled or self.self_confidence.weight == 0 or trained:
+            raise ValueError(
+                "grpo.credit 'per_step' takes its step rewards from self-confidence, so "
+                "self_confidence must be enabled with a non-zero weight and be the only trained "
+                f"reward (trained external rewards: {trained or 'none'}); give the others "
+                "weight 0 to watch them, or set grpo.credit=trajectory")
+        return self
 
     @model_validator(mode="after")
     def _eval_groups_can_be_normalised(self) -> Config:

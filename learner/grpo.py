@@ -110,6 +110,45 @@ def combine_advantages(
     )
 
 
+def step_advantages(
+    step_scores: torch.Tensor,
+    group_ids: torch.Tensor,
+    clip: float = 5.0,
+    eps: float = 1e-4,
+) -> Advantages:
+    """Per-step credit from self-confidence along the trajectory.
+
+    ``step_scores [N, S+1]``: column ``k < S`` is the self-confidence of the sampler's
+    predicted clean latent at the k-th trained step, column ``S`` that of the final
+    latent. The reward of trained step k is the gain it brought,
+    ``r_k = s_{k+1} - s_k`` (so ``sum_k r_k = s_S - s_0``, the final score less the
+    first step's), and its advantage ``A_k = (r_k - mean_group r_k) / (std_group r_k + eps)``
+    is normalised per step within each group, so every step's advantages sum to zero
+    over a group (before the clip to ``[-clip, clip]``). Returns ``values [N, S]``. A
+    group is dropped when no step's reward varies in it; a step whose reward is flat in
+    a kept group gets advantage 0.
+    """
+    if step_scores.ndim != 2 or step_scores.shape[1] < 2 or len(step_scores) != len(group_ids):
+        raise ValueError(f"step_scores must be [N, S+1] with S >= 1 and N = {len(group_ids)} "
+                         f"samples, got {tuple(step_scores.shape)}")
+    gains = step_scores.double().diff(dim=1)  # [N, S]
+    values = torch.zeros_like(gains)
+    keep = torch.zeros(len(gains), dtype=torch.bool)
+    groups = torch.unique(group_ids)
+    dropped = 0
+    for g in groups:
+        rows = group_ids == g
+        r = gains[rows]  # [G, S]
+        spread = (r != r[0]).any(dim=0)  # [S]
+        if not spread.any():
+            dropped += 1
+            continue
+        a = (r - r.mean(dim=0)) / (r.std(dim=0, unbiased=False) + eps)
+        values[rows] = torch.where(spread, a, torch.zeros_like(a))
+        keep[rows] = True
+    return Advantages(values.clamp(-clip, clip).float(), keep, len(groups), dropped)
+
+
 def shuffle_within_groups(
     rewards: Mapping[str, torch.Tensor], group_ids: torch.Tensor, seed: int
 ) -> dict[str, torch.Tensor]:

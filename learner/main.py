@@ -50,7 +50,12 @@ from learner.charts import plot_training
 from learner.config import SC, Config, ConfigError, load_config
 from learner.console import quiet_env, quiet_this_process
 from learner.ema import WeightsEMA
-from learner.grpo import advantage_metrics, combine_advantages, shuffle_within_groups
+from learner.grpo import (
+    advantage_metrics,
+    combine_advantages,
+    shuffle_within_groups,
+    step_advantages,
+)
 from learner.metrics import PrometheusMetrics
 from learner.preflight import PreflightError, check_cluster_resources, preflight
 from learner.prompts import PromptCursor, load_prompts
@@ -70,6 +75,7 @@ from learner.service import (
     StopRequested,
     check_versions,
     rewards_of,
+    step_scores_of,
 )
 from learner.stopping import RunStopped, StopSignals
 from learner.tracking import Tracker
@@ -401,11 +407,17 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
                 main_reward = next(iter(rewards))  # self-confidence unless disabled: bar, grids
                 group_ids = torch.arange(len(rewards[main_reward])) // cfg.grpo.group_size
                 trained_on = {k: torch.from_numpy(v) for k, v in rewards.items()}
+                if cfg.grpo.credit == "per_step":  # self-confidence's gain step by step
+                    trained_on = {SC: torch.from_numpy(step_scores_of(work))}  # [N, S+1]
                 if cfg.grpo.shuffle_rewards:  # the random-reward control
                     trained_on = shuffle_within_groups(trained_on, group_ids,
                                                        derive_seed(cfg.seed, SHUFFLE_STREAM, step))
-                adv = combine_advantages(trained_on, weights, group_ids,
-                    cfg.grpo.combine, cfg.grpo.std_mode, cfg.grpo.adv_clip, cfg.grpo.adv_eps)
+                if cfg.grpo.credit == "per_step":
+                    adv = step_advantages(trained_on[SC], group_ids, cfg.grpo.adv_clip,
+                                          cfg.grpo.adv_eps)  # values [N, S]
+                else:
+                    adv = combine_advantages(trained_on, weights, group_ids, cfg.grpo.combine,
+                        cfg.grpo.std_mode, cfg.grpo.adv_clip, cfg.grpo.adv_eps)
                 check_finite_advantages(step, adv.values.numpy(), rewards)
                 # advantages -> update (DeepSpeed ranks take the rollouts by reference)
                 staleness = version - work.version

@@ -43,8 +43,13 @@ def write_samples(log, work: StepWork, rewards: dict[str, np.ndarray], adv, trai
             row = {"step": work.step, "prompt_id": prompt_id, "prompt": text.get(prompt_id),
                    "seed": seed,
                    "sample_version": work.version, "score_version": sc.weight_version,
-                   "trained_at_version": trained_at, "advantage": float(adv.values[n + i]),
-                   "kept": bool(adv.keep[n + i])}
+                   "trained_at_version": trained_at, "kept": bool(adv.keep[n + i])}
+            value = adv.values[n + i]
+            if value.ndim:  # grpo.credit per_step: one advantage per trained step
+                row["advantage"] = float(value.mean())
+                row["step_advantages"] = [round(float(a), 6) for a in value]
+            else:
+                row["advantage"] = float(value)
             row.update({f"reward/{k}": float(v[n + i]) for k, v in rewards.items()})
             row.update({f"reward/{k}": None for k in missing})
             log.write(json.dumps(row) + "\n")

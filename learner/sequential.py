@@ -133,6 +133,9 @@ def update_step(pipe, cfg: Config, batch: Batch, advantages, negative, optimizer
 
 def train(cfg: Config, run_dir: Path | None = None) -> Path:
     """Run ``cfg.train.steps`` Flow-GRPO steps; returns the run directory."""
+    if cfg.grpo.credit != "trajectory":
+        raise ValueError("learner.sequential trains trajectory-level advantages only; "
+                         "grpo.credit per_step runs in the service (python -m learner.main)")
     torch.manual_seed(cfg.seed)
     run_dir = run_dir or Path(cfg.train.out_dir) / time.strftime("sequential-%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)

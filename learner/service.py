@@ -22,6 +22,7 @@ from actors.reward import ExternalRewardWorker, Scores, SelfConfidenceWorker
 from actors.rollout import RolloutWorker
 from learner.config import HTTP_SCORER, SC, Config
 from learner.engine import LearnerGroup
+from policy.logprob import window_steps
 
 
 class RewardFailure(RuntimeError):
@@ -90,7 +91,9 @@ class Service:
             self.pools[SC] = RewardPool(
                 partial(SelfConfidenceWorker, m.path, m.dtype, m.device, rp.num_threads, lora,
                         m.max_sequence_length, cfg.seed, sc.num_probes, sc.probe_fraction,
-                        sc.delta, sc.aggregation, sc.guidance_scale, sc.policy),
+                        sc.delta, sc.aggregation, sc.guidance_scale, sc.policy,
+                        window_steps(cfg.sampler.spec(), cfg.grpo.train_fraction)
+                        if cfg.grpo.credit == "per_step" else None),
                 rp.num_actors, timeout_s=rp.timeout_s, max_retries=rp.max_retries,
                 max_restarts=rp.max_restarts, num_cpus=rp.num_cpus, num_gpus=rp.num_gpus,
                 require_resource=rp.require_resource, control_name=rp.control_name, name=SC,
@@ -277,6 +280,17 @@ class Service:
         for pool in self.pools.values():
             pool.shutdown()
         self.learner.shutdown()
+
+
+def step_scores_of(work: StepWork) -> np.ndarray:
+    """Self-confidence along each sample's trajectory ``[N, S+1]`` (grpo.credit per_step)."""
+    scored = work.scores.get(SC, {})
+    parts = [scored[c].step_scores if c in scored else None for c in range(len(work.refs))]
+    if any(p is None for p in parts):
+        raise RuntimeError(f"step {work.step}: no self-confidence step scores for some rollouts "
+                           "(the reward was dropped, or its workers were started without "
+                           "grpo.credit per_step); per-step credit cannot train this step")
+    return np.concatenate(parts)
 
 
 def rewards_of(work: StepWork, names: list[str]) -> dict[str, np.ndarray]:

@@ -71,7 +71,8 @@ def accumulate_grpo_gradients(
 ) -> dict[str, float]:
     """Accumulate the Flow-GRPO gradient of samples ``index`` into the LoRA ``.grad``s.
 
-    ``rollout``, ``cond`` and ``advantages`` ([N]) are aligned; ``index`` ([n] int64)
+    ``rollout``, ``cond`` and ``advantages`` ([N], or [N, len(steps)] per trained step)
+    are aligned; ``index`` ([n] int64)
     picks the samples trained here, ``global_count`` is the number of samples trained
     in the whole step over all shards, ``steps`` the trained steps j. ``backward(loss)``
     is called once per (micro-batch x trained step) with the already weighted loss;
@@ -83,6 +84,9 @@ def accumulate_grpo_gradients(
     ``|ratio - 1|`` at the first trained step (1 on-policy before any update), and
     ``loss/samples = n``; combine shards with :func:`merge_metrics`.
     """
+    if advantages.ndim == 2 and advantages.shape[1] != len(steps):
+        raise ValueError(f"per-step advantages {tuple(advantages.shape)} need one column per "
+                         f"trained step ({len(steps)})")
     if global_count < len(index) or global_count < 1:
         raise ValueError(f"global_count={global_count} must be >= 1 and >= this shard's "
                          f"{len(index)} samples")
@@ -92,7 +96,9 @@ def accumulate_grpo_gradients(
         padding = len(chunk) == 0
         rows = torch.zeros(1, dtype=torch.long) if padding else chunk  # [b]
         chunk_cond = cond.select(rows)
-        for j in steps:
+        for k, j in enumerate(steps):
+            # one advantage per sample, or per (sample, trained step) with grpo.credit per_step
+            adv = advantages[rows] if advantages.ndim == 1 else advantages[rows, k]
             # log pi_theta(x_{j+1} | x_j) through the sampler's own step (ratio 1 on-policy)
             new = step_log_prob(transformer, rollout, j, chunk_cond, negative, rows,
                                 cfg.detach_uncond)  # [b]
@@ -105,7 +111,7 @@ def accumulate_grpo_gradients(
             # L = mean(max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps))) + beta KL
             # (objective "decoupled": the clip against this pass's weights, the behaviour
             # policy as a detached weight; learner.grpo.policy_loss)
-            loss, m = policy_loss(new.log_prob, rollout.log_probs[rows, j], advantages[rows],
+            loss, m = policy_loss(new.log_prob, rollout.log_probs[rows, j], adv,
                                   cfg.clip_range, kl, cfg.beta, cfg.objective, cfg.max_weight)
             # Weight by the chunk's share of the GLOBAL batch: shards' gradients sum to the mean.
             weight = len(chunk) / (global_count * len(steps))

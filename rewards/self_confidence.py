@@ -31,7 +31,14 @@ from typing import Any, Literal
 
 import torch
 
-from policy.sampler import PROBE_STREAM, Rollout, conditional_velocity, derive_seed, suffix_window
+from policy.sampler import (
+    PROBE_STREAM,
+    Rollout,
+    conditional_velocity,
+    derive_seed,
+    predict_velocity,
+    suffix_window,
+)
 
 Aggregation = Literal["paper", "official"]
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
@@ -195,3 +202,49 @@ def score_rollout(
         rewards.append(out.reward)
         per_step.append(out.per_step)
     return torch.cat(rewards), torch.cat(per_step)
+
+
+@torch.no_grad()
+def score_steps(
+    transformer: torch.nn.Module,
+    rollout: Rollout,
+    cond: Any,
+    run_seed: int,
+    steps: list[int],
+    sampling_negative: Any = None,
+    num_probes: int = 8,
+    probe_fraction: float = 0.5,
+    delta: float = 1e-6,
+    aggregation: Aggregation = "paper",
+    guidance_scale: float = 1.0,
+    negative: Any = None,
+) -> torch.Tensor:
+    """Self-confidence along the trajectory, for per-step credit: ``[B, len(steps) + 1]``.
+
+    Column ``k`` scores the sampler's predicted clean latent at trained step
+    ``steps[k]``, ``x0 = z_j - sigma_j v(z_j)`` with the sampler's own velocity (its CFG,
+    from ``sampling_negative``); the last column scores the final latent and equals
+    :func:`score_rollout`'s reward. Every column of a group uses the group's probes of
+    :func:`score_rollout`, so a difference between columns is the latents', not the
+    probes'. The scoring velocity is as in :func:`score_rollout` (no CFG by default).
+    """
+    spec = rollout.spec
+    window = suffix_window(spec.num_steps - 1, probe_fraction)
+    velocity = conditional_velocity(transformer, negative, guidance_scale)
+    out = []
+    for rows in group_slices(rollout.prompt_ids):
+        key = (int(rollout.prompt_ids[rows][0]), int(rollout.seeds[rows][0]))
+        seed = derive_seed(run_seed, PROBE_STREAM, rollout.weight_version, *key)
+        group_cond = cond.select(rows)
+        latents = [rollout.final[rows]]
+        for j in steps:
+            z, sigma = rollout.latents[rows, j], rollout.sigmas[j]
+            v = predict_velocity(transformer, z, sigma.expand(len(z)), group_cond,
+                                 sampling_negative, spec.guidance_scale)
+            latents.insert(-1, z - sigma * v)
+        columns = [self_confidence(
+            velocity, x0, rollout.sigmas, group_cond, num_probes=num_probes,
+            probe_window=window, delta=delta, aggregation=aggregation,
+            generator=torch.Generator().manual_seed(seed)).reward for x0 in latents]
+        out.append(torch.stack(columns, dim=1))
+    return torch.cat(out)
