@@ -404,6 +404,10 @@ class TrainConfig(_Section):
         "file", description="'file': prompts drawn as often as the file holds them; "
         "'balanced': one prompt of each tag in turn (rows' 'tag' field)"
     )
+    tags: list[str] | None = Field(
+        None, min_length=1, description="train only on the prompt file's rows with these tags "
+        "(e.g. the tags whose groups have reward spread); None: every row"
+    )
     out_dir: str = Field("runs", min_length=1, description="parent directory of run directories")
     save_every: int = Field(10, ge=1, description="checkpoint every N steps (and at the end)")
     stop_timeout_s: float = Field(

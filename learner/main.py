@@ -58,7 +58,7 @@ from learner.grpo import (
 )
 from learner.metrics import PrometheusMetrics
 from learner.preflight import PreflightError, check_cluster_resources, preflight
-from learner.prompts import PromptCursor, load_prompts
+from learner.prompts import PromptCursor, load_prompts, select_tags
 from learner.rundir import (
     latest_checkpoint,
     log_sizes,
@@ -242,7 +242,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
     ``on_failure: stop``, and :class:`RunFailed` on a fault the run cannot recover from.
     """
     preflight(cfg)  # (main() ran it before Ray started; callers of train() get it here)
-    rows = load_prompts(cfg.train.prompts)
+    rows = select_tags(load_prompts(cfg.train.prompts), cfg.train.tags, cfg.train.prompts)
     check_http_rewards(cfg)  # an unreachable server or a wrong token fails here, not mid-run
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = latest_checkpoint(run_dir) if resume else None

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from learner.config import Config, ExternalRewardConfig
-from learner.prompts import load_prompts
+from learner.prompts import load_prompts, select_tags
 from policy.pipeline import MODEL_INDEX, TINY_RANDOM, looks_local
 
 BUILTIN_MODELS = (TINY_RANDOM,)  # names policy.pipeline.build_pipeline builds itself
@@ -124,7 +124,9 @@ def check_prompts(cfg: Config) -> None:
     problems = []
     for field, path in files:
         try:
-            load_prompts(path, field=field)
+            rows = load_prompts(path, field=field)
+            if field == "train.prompts":
+                select_tags(rows, cfg.train.tags, path)
         except (OSError, ValueError) as e:
             problems.append(f"{field}: {e}")
     if problems:

@@ -166,6 +166,20 @@ def _clause_problem(clause: object, index: int, *, is_include: bool) -> str | No
     return None
 
 
+def select_tags(rows: list[dict], tags: list[str] | None, path: str | Path = "",
+                field: str = "train.tags") -> list[dict]:
+    """The rows whose ``tag`` is one of ``tags`` (all rows when ``tags`` is None), in file
+    order; a tag the file does not hold is an error naming the ones it does."""
+    if tags is None:
+        return rows
+    held = sorted({str(r["tag"]) for r in rows if "tag" in r})
+    unknown = [t for t in tags if t not in held]
+    if unknown:
+        raise ValueError(f"{field}: {path or 'the prompt file'} has no rows tagged {unknown}; "
+                         f"its tags are {held or 'none (no tag field)'}")
+    return [r for r in rows if r.get("tag") in tags]
+
+
 class PromptCursor:
     """Walks a prompt list in seeded order; its whole state is one int, ``position``.
 

@@ -34,7 +34,7 @@ import yaml
 
 from learner.config import HTTP_SCORER, SC, Config, load_config
 from learner.grpo import advantage_metrics, combine_advantages, shuffle_within_groups
-from learner.prompts import PromptCursor, load_prompts
+from learner.prompts import PromptCursor, load_prompts, select_tags
 from learner.update import accumulate_grpo_gradients
 from policy.logprob import trained_steps
 from policy.pipeline import adapter_disabled, add_lora, build_pipeline, save_lora
@@ -146,7 +146,7 @@ def train(cfg: Config, run_dir: Path | None = None) -> Path:
     named = dict(pipe.transformer.named_parameters())
     params = [named[n] for n in params_names]
     optimizer = torch.optim.AdamW(params, lr=cfg.grpo.lr, weight_decay=cfg.grpo.weight_decay)
-    rows = load_prompts(cfg.train.prompts)
+    rows = select_tags(load_prompts(cfg.train.prompts), cfg.train.tags, cfg.train.prompts)
     cursor = PromptCursor(rows, cfg.seed, mix=cfg.train.prompt_mix)
     negative = encode_prompts(pipe, [""], cfg.model.max_sequence_length)
     scorers = build_scorers(cfg)

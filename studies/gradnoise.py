@@ -27,7 +27,7 @@ import torch
 
 from learner.config import SC, Config, load_config
 from learner.grpo import combine_advantages
-from learner.prompts import PromptCursor, load_prompts
+from learner.prompts import PromptCursor, load_prompts, select_tags
 from learner.sequential import build_scorers, sample_step, score_step
 from learner.update import accumulate_grpo_gradients
 from policy.logprob import trained_steps
@@ -71,7 +71,7 @@ def measure(cfg: Config, sizes: list[tuple[int, int]], pairs: int) -> list[dict]
     names = add_lora(pipe.transformer, cfg.lora.spec(cfg.seed))
     named = dict(pipe.transformer.named_parameters())
     params = [named[n] for n in names]
-    rows = load_prompts(cfg.train.prompts)
+    rows = select_tags(load_prompts(cfg.train.prompts), cfg.train.tags, cfg.train.prompts)
     negative = encode_prompts(pipe, [""], cfg.model.max_sequence_length)
     scorers = build_scorers(cfg)
     cursor = PromptCursor(rows, cfg.seed, mix=cfg.train.prompt_mix)

@@ -121,6 +121,12 @@ def test_a_missing_prompt_file_names_the_field(tmp_path):
     fails([f"train.prompts={tmp_path / 'nope.jsonl'}"], "train.prompts", "nope.jsonl", "not found")
 
 
+def test_a_train_tag_the_file_lacks_is_found_before_ray(tmp_path):
+    path = write(tmp_path / "p.jsonl", f"{ROW}\n")
+    fails([f"train.prompts={path}", "train.tags=[color_attr, counting]"], "train.tags",
+          "['counting']", "its tags are ['color_attr']")
+
+
 def test_eval_prompts_are_checked_only_when_the_run_evaluates(tmp_path):
     missing = tmp_path / "test.jsonl"
     preflight(load_config(None, [OFF, "eval.every=0", f"eval.prompts={missing}"]))

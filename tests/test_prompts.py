@@ -132,3 +132,14 @@ def test_a_position_may_name_an_earlier_include_clause(tmp_path):
     good = row(tag="position", include=[{"class": "cat", "count": 1},
                                         {"class": "dog", "count": 1, "position": ["above", 0]}])
     assert load_prompts(write(tmp_path / "p.jsonl", good + "\n"))[0]["tag"] == "position"
+
+
+def test_train_tags_keep_only_their_rows_and_an_unknown_tag_is_named():
+    from learner.prompts import select_tags
+
+    rows = [{"prompt": "a", "tag": "colors"}, {"prompt": "b", "tag": "counting"},
+            {"prompt": "c", "tag": "colors"}]
+    assert select_tags(rows, None) is rows
+    assert [r["prompt"] for r in select_tags(rows, ["colors"])] == ["a", "c"]
+    with pytest.raises(ValueError, match=r"no rows tagged \['position'\].*\['colors', 'counting'\]"):
+        select_tags(rows, ["colors", "position"], "p.jsonl")
