@@ -81,6 +81,7 @@ class SelfConfidenceWorker:
         guidance_scale: float = 1.0,
         scoring_policy: Literal["current", "base"] = "current",
         credit_steps: Sequence[int] | None = None,
+        micro_batch: int | None = None,
     ) -> None:
         self.policy = PolicyReplica(model_path, dtype, device, num_threads, lora)
         self.max_sequence_length = max_sequence_length
@@ -93,6 +94,7 @@ class SelfConfidenceWorker:
                          if guidance_scale != 1.0 else None)
         # Per-step credit (grpo.credit per_step): also score the predicted clean latent at
         # each trained step, with the sampler's CFG velocity (its empty-prompt negative).
+        self.micro_batch = micro_batch  # probe latents per forward (None: all at once)
         self.credit_steps = list(credit_steps) if credit_steps else None
         self.sampling_negative = (encode_prompts(self.policy.pipe, [""], max_sequence_length)
                                   if self.credit_steps else None)
@@ -123,13 +125,15 @@ class SelfConfidenceWorker:
         with offline:
             reward, per_step = score_rollout(
                 transformer, r, cond, self.run_seed, self.num_probes, self.probe_fraction,
-                self.delta, self.aggregation, self.guidance_scale, self.negative)
+                self.delta, self.aggregation, self.guidance_scale, self.negative,
+                self.micro_batch)
             steps = None
             if self.credit_steps:
                 steps = score_steps(
                     transformer, r, cond, self.run_seed, self.credit_steps,
                     self.sampling_negative, self.num_probes, self.probe_fraction, self.delta,
-                    self.aggregation, self.guidance_scale, self.negative).float().cpu().numpy()
+                    self.aggregation, self.guidance_scale, self.negative,
+                    self.micro_batch).float().cpu().numpy()
         return Scores(
             sample_keys=sample_keys(rollout),
             reward=reward.float().cpu().numpy(),

@@ -76,8 +76,10 @@ class RolloutWorker:
         max_sequence_length: int,
         run_seed: int,
         eval_sampler: SamplerSpec | None = None,
+        micro_batch: int | None = None,
     ) -> None:
         self.policy = PolicyReplica(model_path, dtype, device, num_threads, lora)
+        self.micro_batch = micro_batch  # trajectories denoised at once (None: a whole call)
         self.spec = sampler
         self.eval_spec = eval_sampler
         self.max_sequence_length = max_sequence_length
@@ -112,12 +114,18 @@ class RolloutWorker:
         seeds = torch.tensor([sample_seed(self.run_seed, step, index, i)
                               for index, _ in groups for i in range(group_size)])
         cond = encode_prompts(self.policy.pipe, prompts, self.max_sequence_length)
-        rollout = sample_rollout(
-            self.policy.pipe, prompts, seeds, self.spec, prompt_ids=ids, cond=cond,
-            negative=self.negative, max_sequence_length=self.max_sequence_length,
-            weight_version=version,
-        )
-        return rollout.numpy()
+        # Chunks of at most micro_batch trajectories: each sample's noise is its own seed's,
+        # so the chunking changes how many are denoised at once, not what is sampled.
+        size = self.micro_batch or len(prompts)
+        parts = [
+            sample_rollout(
+                self.policy.pipe, prompts[start:start + size], seeds[start:start + size],
+                self.spec, prompt_ids=ids[start:start + size],
+                cond=cond.select(slice(start, start + size)), negative=self.negative,
+                max_sequence_length=self.max_sequence_length, weight_version=version)
+            for start in range(0, len(prompts), size)
+        ]
+        return Rollout.concat(parts).numpy()
 
     @torch.no_grad()
     def decode(self, rollout: Rollout) -> np.ndarray:
@@ -127,7 +135,7 @@ class RolloutWorker:
 
     @torch.no_grad()
     def evaluate(self, jobs: list[tuple[int, str, int]], seed: int, offset: int = 0,
-                 batch: int = 32, weights: FlatWeights | None = None
+                 batch: int | None = None, weights: FlatWeights | None = None
                  ) -> tuple[Rollout, np.ndarray]:
         """Evaluation samples of the loaded version: ``(final-latent rollout, images)``.
 
@@ -140,7 +148,8 @@ class RolloutWorker:
         no log-probs) and carries the *training* spec and sigmas, so that the reward pools
         score it exactly as they score training samples (self-confidence probes its noise
         levels from them). Images are uint8 ``[B, H, W, 3]``. Call with ``num_returns=2``.
-        ``weights``: as in :meth:`sample`.
+        ``weights``: as in :meth:`sample`. ``batch``: images denoised at once (default
+        the worker's ``micro_batch``, else 32).
         """
         if weights is not None:
             self.policy.load(weights)
@@ -148,6 +157,7 @@ class RolloutWorker:
         if self.eval_spec is None:
             raise RuntimeError("this rollout worker was built without an eval_sampler")
         pipe, finals, images = self.policy.pipe, [], []
+        batch = batch or self.micro_batch or 32
         seeds = torch.tensor([eval_seed(seed, pid - offset, i) for pid, _, i in jobs])
         for start in range(0, len(jobs), batch):
             prompts = [prompt for _, prompt, _ in jobs[start:start + batch]]

@@ -71,14 +71,19 @@ class SamplerConfig(_Section):
         None, description="[start, stop) of stochastic steps; null = every step but the last"
     )
     shift: float = Field(3.0, gt=0.0, description="SD3 timestep shift of the sigma schedule")
+    resolution: int | None = Field(
+        None, ge=1, description="image side in pixels of rollouts and evaluations (a multiple "
+        "of the VAE factor x patch size, e.g. 16 for SD3); null: the transformer's own "
+        "sample_size (128 latents = 1024 px for SD3.5-M)"
+    )
 
     def spec(self, eval: bool = False) -> SamplerSpec:
         """The training sampler, or (``eval``) the deterministic ODE sampler of evaluation."""
         if eval:
             return SamplerSpec(self.eval_num_steps, self.guidance_scale, 0.0, self.sde_type,
-                               None, self.shift)
+                               None, self.shift, self.resolution)
         return SamplerSpec(self.num_steps, self.guidance_scale, self.noise_level, self.sde_type,
-                           self.sde_window, self.shift)
+                           self.sde_window, self.shift, self.resolution)
 
     @model_validator(mode="after")
     def _window_fits(self) -> SamplerConfig:
@@ -109,6 +114,10 @@ class SelfConfidenceConfig(_Section):
     policy: Literal["current", "base"] = Field(
         "current", description="score with the policy that sampled (online, SOLACE) or with the "
         "frozen base model (offline, an ablation)"
+    )
+    micro_batch: int | None = Field(
+        None, ge=1, description="at most this many of the K x group probe latents per "
+        "transformer forward (the same rewards); null: all of a group's at once"
     )
 
     @model_validator(mode="after")
@@ -191,6 +200,11 @@ class RolloutConfig(_Section):
     max_restarts: int = Field(
         3, ge=0, description="Ray restarts of a rollout actor that dies; its lost call is "
         "sampled again on the restarted actor with the same seeds and weights"
+    )
+    micro_batch: int | None = Field(
+        None, ge=1, description="at most this many trajectories denoised at once in a rollout "
+        "actor (a call's groups are sampled in chunks; the same samples); null: a call's "
+        "whole batch at once, and evaluations in batches of 32"
     )
     timeout_s: float = Field(
         1800.0, gt=0, description="longest wait for one step's rollouts and scores (or one "
@@ -292,6 +306,11 @@ class LearnerConfig(_Section):
     zero_stage: Literal[0, 1, 2] = Field(2, description="DeepSpeed ZeRO stage")
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per rank")
     num_threads: int = Field(1, ge=1, description="torch threads inside a rank")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute the transformer blocks' activations in the backward "
+        "pass instead of keeping them (less memory, ~1 more forward of compute; the same "
+        "gradients)"
+    )
     require_resource: bool = Field(
         False, description="always ask for the 'learner' resource (autoscaling clusters); "
         "false: only if a node declares it at start"

@@ -131,7 +131,8 @@ class LearnerRank:
 
     def __init__(self, rank: int, world_size: int, *, lora: LoraSpec, grpo: GrpoConfig,
                  model_path: str = "tiny-random", dtype: str = "float32", device: str = "cpu",
-                 num_threads: int = 1, zero_stage: int = 2, max_sequence_length: int = 8):
+                 num_threads: int = 1, zero_stage: int = 2, max_sequence_length: int = 8,
+                 gradient_checkpointing: bool = False):
         self.rank, self.world_size, self.device = rank, world_size, device
         self.grpo, self.zero_stage, self.dtype = grpo, zero_stage, dtype
         self.max_sequence_length = max_sequence_length
@@ -139,6 +140,8 @@ class LearnerRank:
         torch.set_num_threads(max(1, num_threads))  # inside an actor torch defaults to num_cpus
         self.pipe = build_pipeline(model_path, dtype, device, num_threads)
         names = set(add_lora(self.pipe.transformer, lora))  # same init on every rank
+        if gradient_checkpointing:  # activations recomputed in the backward (less memory)
+            self.pipe.transformer.enable_gradient_checkpointing()
         self.params = [p for n, p in self.pipe.transformer.named_parameters() if n in names]
         self.negative = encode_prompts(self.pipe, [""], max_sequence_length)  # CFG's empty prompt
         self.engine = None
@@ -253,7 +256,8 @@ class LearnerGroup:
     def __init__(self, num_ranks: int, *, lora: LoraSpec, grpo: GrpoConfig,
                  model_path: str = "tiny-random", dtype: str = "float32", device: str = "cpu",
                  num_threads: int = 1, num_cpus: float = 1, zero_stage: int = 2,
-                 max_sequence_length: int = 8, require_resource: bool = False):
+                 max_sequence_length: int = 8, require_resource: bool = False,
+                 gradient_checkpointing: bool = False):
         import ray
 
         if num_ranks < 1:
@@ -267,7 +271,8 @@ class LearnerGroup:
         self.ranks = [
             actor.remote(r, num_ranks, model_path=model_path, dtype=dtype, device=device,
                          num_threads=num_threads, lora=lora, grpo=grpo, zero_stage=zero_stage,
-                         max_sequence_length=max_sequence_length)
+                         max_sequence_length=max_sequence_length,
+                         gradient_checkpointing=gradient_checkpointing)
             for r in range(num_ranks)
         ]
         # Rank 0 hosts the rendezvous: its node's address and a port free there.

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import importlib
 import inspect
+import json
 import os
 import re
 import socket
@@ -27,6 +28,7 @@ from pathlib import Path
 from learner.config import Config, ExternalRewardConfig
 from learner.prompts import load_prompts, select_tags
 from policy.pipeline import MODEL_INDEX, TINY_RANDOM, looks_local
+from policy.sampler import check_resolution
 
 BUILTIN_MODELS = (TINY_RANDOM,)  # names policy.pipeline.build_pipeline builds itself
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name, as the hub spells ids
@@ -82,6 +84,8 @@ def check_model(cfg: Config) -> None:
         if not (local / MODEL_INDEX).is_file():
             raise PreflightError(f"model.path {path!r}: the directory has no {MODEL_INDEX}; "
                                  f"expected {expected} (e.g. from pipe.save_pretrained)")
+        if cfg.sampler.resolution is not None:
+            check_local_resolution(local, cfg.sampler.resolution)
         return
     if not HUB_ID.match(path):
         raise PreflightError(f"model.path {path!r}: neither a local directory nor a hub id; "
@@ -92,6 +96,22 @@ def check_model(cfg: Config) -> None:
             "downloaded: HF_HUB_OFFLINE is set and the hub cache does not hold it; unset "
             "HF_HUB_OFFLINE, download it first, or point model.path at a local directory "
             f"holding {MODEL_INDEX}")
+
+
+def check_local_resolution(model_dir: Path, resolution: int) -> None:
+    """``sampler.resolution`` against a local model's VAE and transformer configs (a hub
+    model's are checked where it loads, in the actors)."""
+    try:
+        vae = json.loads((model_dir / "vae" / "config.json").read_text())
+        transformer = json.loads((model_dir / "transformer" / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # an unusual layout: the loader will say what is wrong with it
+    factor = 2 ** (len(vae.get("block_out_channels", [0])) - 1)
+    try:
+        check_resolution(resolution, factor, int(transformer.get("patch_size", 2)),
+                         transformer.get("pos_embed_max_size"))
+    except ValueError as e:
+        raise PreflightError(f"{e}; model {model_dir}") from None
 
 
 def _hub_offline() -> bool:

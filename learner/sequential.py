@@ -143,6 +143,8 @@ def train(cfg: Config, run_dir: Path | None = None) -> Path:
 
     pipe = build_pipeline(cfg.model.path, cfg.model.dtype, cfg.model.device, cfg.model.num_threads)
     params_names = add_lora(pipe.transformer, cfg.lora.spec(cfg.seed))
+    if cfg.learner.gradient_checkpointing:
+        pipe.transformer.enable_gradient_checkpointing()
     named = dict(pipe.transformer.named_parameters())
     params = [named[n] for n in params_names]
     optimizer = torch.optim.AdamW(params, lr=cfg.grpo.lr, weight_decay=cfg.grpo.weight_decay)

@@ -82,7 +82,7 @@ class Service:
         self.rollout_actors = [
             actor.remote(m.path, m.dtype, m.device, cfg.rollout.num_threads, lora,
                          cfg.sampler.spec(), m.max_sequence_length, cfg.seed,
-                         cfg.sampler.spec(eval=True))
+                         cfg.sampler.spec(eval=True), cfg.rollout.micro_batch)
             for _ in range(cfg.rollout.num_actors)
         ]
         sc, rp = cfg.self_confidence, cfg.reward_pool
@@ -93,7 +93,7 @@ class Service:
                         m.max_sequence_length, cfg.seed, sc.num_probes, sc.probe_fraction,
                         sc.delta, sc.aggregation, sc.guidance_scale, sc.policy,
                         window_steps(cfg.sampler.spec(), cfg.grpo.train_fraction)
-                        if cfg.grpo.credit == "per_step" else None),
+                        if cfg.grpo.credit == "per_step" else None, sc.micro_batch),
                 rp.num_actors, timeout_s=rp.timeout_s, max_retries=rp.max_retries,
                 max_restarts=rp.max_restarts, num_cpus=rp.num_cpus, num_gpus=rp.num_gpus,
                 require_resource=rp.require_resource, control_name=rp.control_name, name=SC,
@@ -119,6 +119,7 @@ class Service:
             device=m.device, num_threads=cfg.learner.num_threads, num_cpus=cfg.learner.num_cpus,
             zero_stage=cfg.learner.zero_stage, max_sequence_length=m.max_sequence_length,
             require_resource=cfg.learner.require_resource,
+            gradient_checkpointing=cfg.learner.gradient_checkpointing,
         )
         self.weights: dict[int, ray.ObjectRef] = {}  # version -> ObjectRef[FlatWeights]
         self.failure: RewardFailure | None = None  # seen during an update, raised by gather

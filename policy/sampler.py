@@ -69,6 +69,8 @@ class SamplerSpec:
     # [start, stop) of the stochastic steps; None: every step but the last.
     sde_window: tuple[int, int] | None = None
     shift: float = 3.0
+    # Image side in pixels; None: the transformer's own (``sample_size`` latents).
+    resolution: int | None = None
 
     def window(self) -> tuple[int, int]:
         """``[start, stop)`` of the stochastic steps; empty when ``noise_level == 0`` (ODE)."""
@@ -320,6 +322,32 @@ def denoise_step(
     return mean, zeros, mean, zeros
 
 
+def latent_side(pipe, resolution: int | None = None) -> int:
+    """The latent side for images of ``resolution`` pixels (None: the transformer's own).
+
+    A resolution must be a multiple of the VAE's factor times the transformer's patch
+    size, and fit its positional embedding (``pos_embed_max_size`` patches a side).
+    """
+    config = pipe.transformer.config
+    if resolution is None:
+        return int(config.sample_size)
+    factor = int(pipe.vae_scale_factor)
+    check_resolution(resolution, factor, int(config.patch_size),
+                     getattr(config, "pos_embed_max_size", None))
+    return resolution // factor
+
+
+def check_resolution(resolution: int, factor: int, patch: int, most: int | None) -> None:
+    """Refuse a resolution the model cannot take (``latent_side``'s rule, for preflight)."""
+    if resolution < 1 or resolution % (factor * patch):
+        raise ValueError(f"sampler.resolution {resolution} must be a positive multiple of "
+                         f"{factor * patch} (the VAE's {factor}x times the transformer's patch "
+                         f"size {patch})")
+    if most is not None and resolution // (factor * patch) > most:
+        raise ValueError(f"sampler.resolution {resolution} is past this model's largest, "
+                         f"{most * factor * patch} px ({most} patches a side)")
+
+
 @torch.no_grad()
 def sample_rollout(
     pipe,
@@ -348,7 +376,7 @@ def sample_rollout(
         negative = encode_prompts(pipe, [""], max_sequence_length)
     sigmas = sd3_sigmas(spec.num_steps, spec.shift).to(device)
     channels = transformer.config.in_channels
-    side = transformer.config.sample_size
+    side = latent_side(pipe, spec.resolution)
     # Noise for the initial latent and every step, from each sample's own seed.
     noise = sample_noise(seeds, (spec.num_steps + 1, channels, side, side)).to(device)
 

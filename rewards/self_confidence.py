@@ -105,6 +105,22 @@ def aggregate(
     return (z * t * (1.0 - t)).mean(dim=1)
 
 
+def chunked_velocity(velocity_fn: VelocityFn, z: torch.Tensor, sigma: torch.Tensor, cond: Any,
+                     micro_batch: int | None = None) -> torch.Tensor:
+    """``velocity_fn`` over ``z`` in forwards of at most ``micro_batch`` latents (fp32)."""
+    if micro_batch is None or micro_batch >= len(z):
+        return velocity_fn(z, sigma, cond).float()
+    if micro_batch < 1:
+        raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+    parts = []
+    for start in range(0, len(z), micro_batch):
+        rows = slice(start, start + micro_batch)
+        part = cond.select(rows) if hasattr(cond, "select") else (
+            None if cond is None else cond[rows])
+        parts.append(velocity_fn(z[rows], sigma[rows], part).float())
+    return torch.cat(parts)
+
+
 @torch.no_grad()
 def self_confidence(
     velocity_fn: VelocityFn,
@@ -117,6 +133,7 @@ def self_confidence(
     aggregation: Aggregation = "paper",
     group_ids: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    micro_batch: int | None = None,
 ) -> SelfConfidence:
     """Score generated latents ``z0 [B, C, H, W]`` by the model's self-confidence.
 
@@ -129,6 +146,8 @@ def self_confidence(
         probe_window: ``[start, stop)`` step indices into ``sigmas``; default is the
             suffix window of rho = 0.5 over the ``T-1`` trainable steps.
         generator: draws the probes (CPU); pass a seeded one for reproducible rewards.
+        micro_batch: at most this many of the ``K*B`` probe latents per transformer
+            forward (None: all at once); the probes and the results do not change.
     """
     batch = z0.shape[0]
     num_trainable = len(sigmas) - 2  # the last step is never trained (docs/design.md trap 3)
@@ -147,7 +166,8 @@ def self_confidence(
     for j in steps:
         t = sigmas[j].float().to(x0.device)
         z_t = ((1.0 - t) * x0_k + t * eps_k).reshape(num_probes * batch, *x0.shape[1:])
-        v = velocity_fn(z_t, t.expand(num_probes * batch), cond_k).float()  # [K*B,C,H,W]
+        v = chunked_velocity(velocity_fn, z_t, t.expand(num_probes * batch), cond_k,
+                             micro_batch)  # [K*B,C,H,W]
         eps_hat = v.reshape_as(eps_k) + x0_k  # eps = v + x0
         err = ((eps_hat - eps_k) ** 2).mean(dim=tuple(range(2, eps_k.ndim)))  # [K,B]
         mse.append(err.mean(dim=0))  # [B]
@@ -177,6 +197,7 @@ def score_rollout(
     aggregation: Aggregation = "paper",
     guidance_scale: float = 1.0,
     negative: Any = None,
+    micro_batch: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Self-confidence of a (torch) rollout's samples, one group at a time: ``[B]``, ``[B, P]``.
 
@@ -198,6 +219,7 @@ def score_rollout(
             velocity, rollout.final[rows], rollout.sigmas, cond.select(rows),
             num_probes=num_probes, probe_window=window, delta=delta,
             aggregation=aggregation, generator=torch.Generator().manual_seed(seed),
+            micro_batch=micro_batch,
         )  # one group: the official aggregation normalises within it
         rewards.append(out.reward)
         per_step.append(out.per_step)
@@ -218,6 +240,7 @@ def score_steps(
     aggregation: Aggregation = "paper",
     guidance_scale: float = 1.0,
     negative: Any = None,
+    micro_batch: int | None = None,
 ) -> torch.Tensor:
     """Self-confidence along the trajectory, for per-step credit: ``[B, len(steps) + 1]``.
 
@@ -245,6 +268,7 @@ def score_steps(
         columns = [self_confidence(
             velocity, x0, rollout.sigmas, group_cond, num_probes=num_probes,
             probe_window=window, delta=delta, aggregation=aggregation,
-            generator=torch.Generator().manual_seed(seed)).reward for x0 in latents]
+            generator=torch.Generator().manual_seed(seed), micro_batch=micro_batch).reward
+            for x0 in latents]
         out.append(torch.stack(columns, dim=1))
     return torch.cat(out)

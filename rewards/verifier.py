@@ -40,6 +40,7 @@ from policy.sampler import (
     denoise_step,
     derive_seed,
     encode_prompts,
+    latent_side,
     predict_velocity,
     sample_noise,
     sd3_sigmas,
@@ -164,7 +165,7 @@ def best_of_n(pipe, prompts: list[str], n: int, spec: SamplerSpec,
     sigmas = sd3_sigmas(spec.num_steps, spec.shift).to(device)
     negative = (encode_prompts(pipe, [""], max_sequence_length)
                 if spec.guidance_scale != 1.0 else None)
-    channels, side = transformer.config.in_channels, transformer.config.sample_size
+    channels, side = transformer.config.in_channels, latent_side(pipe, spec.resolution)
     images, chosen, all_scores, all_early, all_seeds, every = [], [], [], [], [], []
     for prompt, pid in zip(prompts, ids, strict=True):
         seeds = torch.tensor([candidate_seed(seed, pid, i) for i in range(n)])

@@ -236,3 +236,20 @@ def test_worker_modules_do_not_import_ray():
     # A fresh interpreter: this test process may have imported ray elsewhere.
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"ray modules imported: {out.stdout.strip()}"
+
+
+def test_rollouts_and_scores_in_chunks_are_those_of_one_batch(weights, rollouts):
+    """rollout.micro_batch and self_confidence.micro_batch bound what is denoised or
+    probed at once; the samples and the rewards stay those of one batch."""
+    chunked = RolloutWorker(sampler=SPEC, micro_batch=4, **policy_args())  # 6 samples: 4 + 2
+    r = chunked.sample(GROUPS, step=2, group_size=G, weights=weights[0])
+    whole = rollouts["v0"]
+    np.testing.assert_allclose(r.latents, whole.latents, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(r.log_probs, whole.log_probs, rtol=0, atol=1e-5)
+    assert np.array_equal(r.seeds, whole.seeds) and np.array_equal(r.prompt_ids, whole.prompt_ids)
+    args = policy_args()
+    one = SelfConfidenceWorker(**args, num_probes=4)
+    pieces = SelfConfidenceWorker(**args, num_probes=4, micro_batch=5)  # 4 x 3 = 12 a group
+    a, b = one.score(whole, weights[0]), pieces.score(whole, weights[0])
+    np.testing.assert_allclose(b.reward, a.reward, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(b.per_step, a.per_step, rtol=1e-5, atol=1e-6)
