@@ -128,7 +128,8 @@ class SelfConfidenceWorker:
                 self.delta, self.aggregation, self.guidance_scale, self.negative,
                 self.micro_batch)
             steps = None
-            if self.credit_steps:
+            # an evaluation rollout holds final latents only: scored, but no trajectory
+            if self.credit_steps and r.latents.shape[1] == len(r.sigmas):
                 steps = score_steps(
                     transformer, r, cond, self.run_seed, self.credit_steps,
                     self.sampling_negative, self.num_probes, self.probe_fraction, self.delta,

@@ -16,6 +16,7 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 import torch
@@ -25,6 +26,7 @@ from learner import evaluation, sequential
 from learner.config import load_config
 from learner.main import latest_checkpoint, train
 from learner.prompts import load_prompts
+from policy.logprob import window_steps
 from policy.pipeline import build_pipeline
 from policy.sampler import SamplerSpec, sample_rollout
 from policy.tiny import build_tiny_pipeline
@@ -176,6 +178,28 @@ def test_external_reward_alone_trains_and_a_weight_zero_reward_is_recorded(local
     assert len(samples) == 2 * 2 * 4
     assert all("reward/self_confidence" not in s and s["reward/bright"] >= 0 for s in samples)
     assert (run_dir / "lora").is_dir()
+
+
+def test_per_step_credit_trains_one_advantage_per_step_and_evaluates(local_ray, tmp_path):
+    """grpo.credit per_step through the service: every sample carries one advantage per
+    trained step, each step's advantages sum to zero over its group, the on-policy ratio
+    is 1, and held-out evaluations (final latents only) are scored as usual."""
+    cfg = load_config(REPO / "configs/tiny_solace.yaml", SMALL + [
+        "train.steps=2", "learner.max_staleness=0", "grpo.credit=per_step",
+        "grpo.adv_clip=100", "eval.every=2", "eval.prompts_per_tag=1", "eval.per_prompt=2",
+        "sampler.eval_num_steps=4", "reward_pool.control_name=test-pool-credit"])
+    run_dir = train(cfg, tmp_path / "credit")
+    steps = window_steps(cfg.sampler.spec(), cfg.grpo.train_fraction)
+    samples = _lines(run_dir / "samples.jsonl")
+    assert len(samples) == 2 * 2 * 4 and all(len(s["step_advantages"]) == len(steps)
+                                             for s in samples)
+    for key in {(s["step"], s["prompt_id"]) for s in samples}:
+        group = np.array([s["step_advantages"] for s in samples
+                          if (s["step"], s["prompt_id"]) == key])
+        np.testing.assert_allclose(group.sum(axis=0), 0.0, atol=1e-4)
+    metrics = _lines(run_dir / "metrics.jsonl")
+    assert all(m["loss/first_ratio_max_dev"] < 1e-5 for m in metrics)
+    assert sorted(evaluation.read_evals(run_dir)) == [0, 2]
 
 
 def test_held_out_evaluation_runs_before_between_and_after_and_pairs_with_the_base(local_ray,
