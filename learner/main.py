@@ -314,8 +314,9 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
         """Checkpoint after ``done`` steps, with the loop state that makes resume exact."""
         write_metrics()
         samples.flush()
-        stale = {v: ray.get(ref, timeout=cfg.rollout.timeout_s)
-                 for v, ref in service.weights.items() if v < done}
+        versions = [v for v in service.weights if v < done]
+        stale = dict(zip(versions, ray.get([service.weights[v] for v in versions],
+                                           timeout=cfg.rollout.timeout_s), strict=True))
         path = save_checkpoint(run_dir, service, launched_at.get(done, cursor.position), done,
                                logs=log_sizes(run_dir), stale=stale, ema=ema)
         plot_training(run_dir)  # training.png, refreshed at every checkpoint

@@ -77,6 +77,28 @@ def format_table(summary: dict[str, float], title: str = "") -> str:
     return "\n".join(lines)
 
 
+def paired_gain(report: dict, base: dict) -> dict[str, tuple[float, float]]:
+    """Strict accuracy of ``report`` minus ``base``, image by image (same split, images per
+    prompt, sampler and seed: the same starting noise), as ``{tag: (gain, standard error)}``
+    and ``overall``: GenEval's mean over tags, its error from the tags' errors."""
+    keys = ("split", "per_prompt", "steps", "cfg", "seed")
+    if any(report[k] != base[k] for k in keys) or len(report["images"]) != len(base["images"]):
+        raise ValueError("reports to pair must share " + ", ".join(keys) + ": got "
+                         + str({k: (report[k], base[k]) for k in keys if report[k] != base[k]}))
+    diffs: dict[str, list[float]] = {}
+    for a, b in zip(report["images"], base["images"], strict=True):
+        if a["prompt"] != b["prompt"]:
+            raise ValueError(f"image order differs: {a['prompt']!r} vs {b['prompt']!r}")
+        diffs.setdefault(a["tag"], []).append(float(a["strict"]) - float(b["strict"]))
+    out = {}
+    for tag in [t for t in TAGS if t in diffs]:
+        d = np.array(diffs[tag])
+        out[tag] = (float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0)
+    out["overall"] = (float(np.mean([m for m, _ in out.values()])),
+                      float(np.sqrt(sum(e * e for _, e in out.values())) / len(out)))
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Evaluate a model with ShapesEval.")
     parser.add_argument("--model", default="models/tiny-shapes-sd3", help="diffusers dir, or tiny-random")
@@ -88,7 +110,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the evaluation noise")
     parser.add_argument("--out", type=Path, help="directory for report.json and grid.png")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--paired-with", type=Path, metavar="REPORT",
+                        help="another model's report.json of the same split and seed: print "
+                        "the strict gain over it, image by image, with standard errors")
     args = parser.parse_args(argv)
+    base = json.loads(args.paired_with.read_text()) if args.paired_with else None
 
     pipe = build_pipeline(args.model, num_threads=args.threads)
     if args.lora:
@@ -100,15 +126,22 @@ def main(argv: list[str] | None = None) -> None:
     print(format_table(ev.summary, f"ShapesEval, {args.split} split, {len(rows)} prompts x "
                        f"{args.per_prompt} images, {args.steps} steps, CFG {args.cfg}:"))
     print(f"  ({len(ev.images)} images in {seconds:.0f} s)")
+    report = {"model": args.model, "lora": args.lora, "split": args.split,
+              "per_prompt": args.per_prompt, "steps": args.steps, "cfg": args.cfg,
+              "seed": args.seed, "seconds": round(seconds, 1), "summary": ev.summary,
+              "images": [{"prompt": m["prompt"], "tag": m["tag"], "strict": bool(s),
+                          "partial": float(p), "failures": d.failures}
+                         for m, s, p, d in zip(ev.metadata, ev.scores.strict, ev.scores.partial,
+                                               ev.scores.details, strict=True)]}
+    if base is not None:
+        gain = paired_gain(report, base)
+        report["paired_with"] = {"report": str(args.paired_with),
+                                 "gain": {k: list(v) for k, v in gain.items()}}
+        print(f"strict gain over {args.paired_with} (paired image by image):")
+        for tag, (g, e) in gain.items():
+            print(f"  {tag:<14} {g:+.3f} ± {e:.3f}")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        report = {"model": args.model, "lora": args.lora, "split": args.split,
-                  "per_prompt": args.per_prompt, "steps": args.steps, "cfg": args.cfg,
-                  "seed": args.seed, "seconds": round(seconds, 1), "summary": ev.summary,
-                  "images": [{"prompt": m["prompt"], "tag": m["tag"], "strict": bool(s),
-                              "partial": float(p), "failures": d.failures}
-                             for m, s, p, d in zip(ev.metadata, ev.scores.strict, ev.scores.partial,
-                                                   ev.scores.details, strict=True)]}
         (args.out / "report.json").write_text(json.dumps(report, indent=1))
         first = np.arange(0, len(ev.images), args.per_prompt)  # one image per prompt
         save_grid(args.out / "grid.png", ev.images[first],

@@ -91,17 +91,12 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
                 assert row[k] == v, (key(row), k)
 
 
-def _driver(run_dir: Path, log: Path, resume: bool = False) -> subprocess.Popen:
-    """``python -m learner.main`` as an operator starts it, on its own local Ray."""
+def _resumed_driver(run_dir: Path, log: Path) -> subprocess.Popen:
+    """``python -m learner.main --resume RUN_DIR`` as an operator starts it, on its own
+    local Ray."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = str(REPO)
-    args = [sys.executable, "-m", "learner.main"]
-    if resume:
-        args += ["--resume", str(run_dir)]
-    else:
-        args += ["--config", "configs/tiny_solace.yaml", "--run-dir", str(run_dir)]
-        for item in OVERRIDES + [f"reward_pool.control_name=test-rel-{run_dir.name}"]:
-            args += ["--set", item]
+    args = [sys.executable, "-m", "learner.main", "--resume", str(run_dir)]
     return subprocess.Popen(args, cwd=REPO, env=env, stdout=log.open("w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -161,7 +156,7 @@ def test_sigterm_then_sigkill_then_resume_gives_the_uninterrupted_run(uninterrup
     # The checkpoint covers exactly the steps logged: nothing to cut, nothing missing.
     assert latest_checkpoint(run_dir).name == f"step_{done:06d}" == stopped.value.checkpoint.name
 
-    proc = _driver(run_dir, log, resume=True)
+    proc = _resumed_driver(run_dir, log)
     try:
         # Step 2 logged, the next checkpoint (every 2 steps) not yet written: the log holds
         # lines past the last checkpoint when the driver dies.

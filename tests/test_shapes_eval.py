@@ -289,3 +289,20 @@ def test_the_shapes_reward_refuses_coco_metadata_too():
     img = scene(("square", "red", (20, 20, 36, 36)))[None]
     with pytest.raises(ValueError, match="unknown class 'car'"):
         ShapesReward()(img, [meta["prompt"]], [meta])
+
+
+def test_paired_gain_of_two_model_reports_by_tag_and_overall():
+    from shapes.eval_model import paired_gain
+
+    def report(strict):
+        tags = ["colors", "colors", "counting", "counting"]
+        return {"split": "test", "per_prompt": 2, "steps": 40, "cfg": 4.5, "seed": 0,
+                "images": [{"prompt": f"p{i // 2}", "tag": t, "strict": s}
+                           for i, (t, s) in enumerate(zip(tags, strict, strict=True))]}
+
+    gain = paired_gain(report([1, 1, 0, 1]), report([0, 1, 0, 0]))
+    assert gain["colors"] == pytest.approx((0.5, 0.5)) and gain["counting"] == pytest.approx((0.5, 0.5))
+    assert gain["overall"] == pytest.approx((0.5, (0.5 ** 2 * 2) ** 0.5 / 2))
+    other = report([0, 0, 0, 0]) | {"seed": 1}
+    with pytest.raises(ValueError, match="must share"):
+        paired_gain(report([1, 1, 1, 1]), other)
