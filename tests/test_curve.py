@@ -76,3 +76,23 @@ def _same(pipe, cfg, cursor, negative):
     from learner.sequential import sample_step
 
     return sample_step(pipe, cfg, cursor, 0, negative)
+
+
+def test_seeds_tabulate_each_run_per_seed_with_the_mean(tmp_path):
+    from studies.seeds import main
+
+    def report(scale, extra=False):
+        runs = {"recipe": {"eval": {"m": [{"version": 0, "mean": 0.0, "se": 0.0},
+                                          {"version": 4, "mean": scale, "se": 0.01}]}}}
+        if extra:  # a run only one seed has is left out
+            runs["control"] = runs["recipe"]
+        return {"runs": runs}
+
+    paths = []
+    for i, (scale, extra) in enumerate(((0.1, True), (0.3, False))):
+        paths.append(tmp_path / f"s{i}.json")
+        paths[-1].write_text(json.dumps(report(scale, extra)))
+    main([str(p) for p in paths] + ["--metric", "m", "--out", str(tmp_path / "all")])
+    text = (tmp_path / "all.md").read_text()
+    assert "| recipe | 4 | +0.100 ± 0.010 | +0.300 ± 0.010 | **+0.200 ± 0.100** |" in text
+    assert "| control |" not in text and (tmp_path / "all.png").is_file()
