@@ -26,10 +26,10 @@ import numpy as np
 import torch
 
 from actors.rollout import PolicyReplica
-from policy.pipeline import LoraSpec, adapter_disabled, build_pipeline
+from policy.pipeline import LoraSpec, adapter_disabled, build_vae
 from policy.sampler import (
     Rollout,
-    decode_images,
+    decode_latents,
     encode_prompts,
 )
 from policy.weights import FlatWeights
@@ -167,8 +167,9 @@ class ExternalRewardWorker:
     ) -> None:
         self.scorer = import_scorer(scorer, scorer_kwargs)
         self.reward_name = reward_name
-        # The whole pipeline is built for its VAE (and its latent scaling config).
-        self.pipe = build_pipeline(model_path, dtype, device, num_threads)
+        # The VAE alone (its latent scaling config included): no transformer or text
+        # encoders resident in an actor that only decodes.
+        self.vae = build_vae(model_path, dtype, device, num_threads)
         self.metadata = list(metadata) if metadata is not None else None
 
     def score(self, rollout: Rollout, weights: FlatWeights | None = None) -> Scores:
@@ -179,7 +180,7 @@ class ExternalRewardWorker:
         else:
             metadata = [self.metadata[i] for i in ids]
         final = torch.tensor(np.asarray(rollout.latents)[:, -1])  # [B, C, H, W], a copy
-        images = decode_images(self.pipe, final)
+        images = decode_latents(self.vae, final)
         out = self.scorer(images, list(rollout.prompts), metadata)
         return Scores(
             sample_keys=sample_keys(rollout),

@@ -214,6 +214,10 @@ class RolloutConfig(_Section):
 
 class RewardPoolConfig(_Section):
     num_actors: int = Field(1, ge=1, description="self-confidence reward actors at start")
+    ready_timeout_s: float = Field(
+        600.0, gt=0, description="longest wait for a new reward actor (every pool's) to load "
+        "its model and answer; a cold autoscaled node (image pull, download) may need more"
+    )
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per reward actor")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per reward actor")
     num_threads: int = Field(1, ge=1, description="torch threads inside a reward actor")
@@ -306,6 +310,11 @@ class LearnerConfig(_Section):
     zero_stage: Literal[0, 1, 2] = Field(2, description="DeepSpeed ZeRO stage")
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per rank")
     num_threads: int = Field(1, ge=1, description="torch threads inside a rank")
+    placement_timeout_s: float = Field(
+        600.0, gt=0, description="longest wait for every learner rank to be placed (one "
+        "placement group: all ranks or none) before the run stops saying what is missing; "
+        "a cold autoscaled GPU node can take minutes"
+    )
     gradient_checkpointing: bool = Field(
         False, description="recompute the transformer blocks' activations in the backward "
         "pass instead of keeping them (less memory, ~1 more forward of compute; the same "

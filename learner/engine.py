@@ -250,6 +250,11 @@ class LearnerRank:
         self.step = state["step"]
 
 
+class PlacementTimeout(RuntimeError):
+    """The learner's ranks could not all be placed in time (a partly placed group would
+    hang in ``init_distributed``)."""
+
+
 class LearnerGroup:
     """Driver side: ``num_ranks`` ``LearnerRank`` actors that train as one learner."""
 
@@ -257,8 +262,10 @@ class LearnerGroup:
                  model_path: str = "tiny-random", dtype: str = "float32", device: str = "cpu",
                  num_threads: int = 1, num_cpus: float = 1, zero_stage: int = 2,
                  max_sequence_length: int = 8, require_resource: bool = False,
-                 gradient_checkpointing: bool = False):
+                 gradient_checkpointing: bool = False, placement_timeout_s: float = 600.0):
         import ray
+        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         if num_ranks < 1:
             raise ValueError(f"num_ranks must be >= 1, got {num_ranks}")
@@ -266,10 +273,33 @@ class LearnerGroup:
         self.grpo, self.zero_stage = grpo, zero_stage
         wants = require_resource or "learner" in ray.cluster_resources()
         resources = {"learner": LEARNER_RESOURCE_SHARE} if wants else None
-        actor = ray.remote(num_cpus=num_cpus, num_gpus=1 if device.startswith("cuda") else 0,
-                           resources=resources)(LearnerRank)
+        gpus = 1 if device.startswith("cuda") else 0
+        actor = ray.remote(num_cpus=num_cpus, num_gpus=gpus, resources=resources)(LearnerRank)
+        # The ranks as one gang: all placed, or none (a rank left pending would hang the
+        # others in init_distributed). PACK keeps them on as few nodes as fit.
+        bundle = {k: v for k, v in (("CPU", num_cpus), ("GPU", gpus),
+                                    *((resources or {}).items())) if v}
+        self.placement = placement_group([bundle] * num_ranks, strategy="PACK") if bundle else None
+        if self.placement is not None:
+            try:
+                ray.get(self.placement.ready(), timeout=placement_timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                remove_placement_group(self.placement)
+                raise PlacementTimeout(
+                    f"the learner's {num_ranks} ranks ({bundle} each) could not all be placed "
+                    f"within learner.placement_timeout_s = {placement_timeout_s:g} s; free or "
+                    "add those resources (`ray status` shows what is free), or lower "
+                    "learner.num_ranks / learner.num_cpus") from None
+
+        def where(r: int) -> dict:
+            if self.placement is None:
+                return {}
+            return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
+                self.placement, placement_group_bundle_index=r)}
+
         self.ranks = [
-            actor.remote(r, num_ranks, model_path=model_path, dtype=dtype, device=device,
+            actor.options(**where(r)).remote(
+                         r, num_ranks, model_path=model_path, dtype=dtype, device=device,
                          num_threads=num_threads, lora=lora, grpo=grpo, zero_stage=zero_stage,
                          max_sequence_length=max_sequence_length,
                          gradient_checkpointing=gradient_checkpointing)
@@ -354,3 +384,8 @@ class LearnerGroup:
         for rank in self.ranks:
             ray.kill(rank)
         self.ranks = []
+        if getattr(self, "placement", None) is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.placement)
+            self.placement = None

@@ -50,6 +50,7 @@ from learner.charts import plot_training
 from learner.config import SC, Config, ConfigError, load_config
 from learner.console import quiet_env, quiet_this_process
 from learner.ema import WeightsEMA
+from learner.engine import PlacementTimeout
 from learner.grpo import (
     advantage_metrics,
     combine_advantages,
@@ -255,7 +256,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
                 if cfg.eval.every else [])
     try:
         service = Service(cfg, rows, eval_set)
-    except RewardError as e:  # a reward's actors could not start (import, weights, resources)
+    except (RewardError, PlacementTimeout) as e:  # actors that could not start or be placed
         raise RunFailed(f"{e}; the run did not start (no step was taken)") from e
     cursor, start = PromptCursor(rows, cfg.seed, mix=cfg.train.prompt_mix), 0
     if saved is not None:

@@ -21,7 +21,7 @@ from actors.pool import RewardError, RewardPool
 from actors.reward import ExternalRewardWorker, Scores, SelfConfidenceWorker
 from actors.rollout import RolloutWorker
 from learner.config import HTTP_SCORER, SC, Config
-from learner.engine import LearnerGroup
+from learner.engine import LearnerGroup, PlacementTimeout
 from policy.logprob import window_steps
 
 
@@ -95,7 +95,8 @@ class Service:
                         window_steps(cfg.sampler.spec(), cfg.grpo.train_fraction)
                         if cfg.grpo.credit == "per_step" else None, sc.micro_batch),
                 rp.num_actors, timeout_s=rp.timeout_s, max_retries=rp.max_retries,
-                max_restarts=rp.max_restarts, num_cpus=rp.num_cpus, num_gpus=rp.num_gpus,
+                max_restarts=rp.max_restarts, ready_timeout_s=rp.ready_timeout_s,
+                num_cpus=rp.num_cpus, num_gpus=rp.num_gpus,
                 require_resource=rp.require_resource, control_name=rp.control_name, name=SC,
             )
         for ext in cfg.external_rewards:
@@ -103,10 +104,11 @@ class Service:
             target, kwargs = ((HTTP_SCORER, ext.http_kwargs()) if ext.kind == "http"
                               else (ext.target, ext.kwargs))
             self.pools[ext.name] = RewardPool(
-                partial(ExternalRewardWorker, target, ext.name, m.path, "float32", m.device,
+                partial(ExternalRewardWorker, target, ext.name, m.path, m.dtype, m.device,
                         1, kwargs, rows + eval_rows),  # eval prompt ids follow the rows
                 ext.num_actors, timeout_s=rp.timeout_s, max_retries=rp.max_retries,
-                max_restarts=rp.max_restarts, num_cpus=ext.num_cpus, num_gpus=ext.num_gpus,
+                max_restarts=rp.max_restarts, ready_timeout_s=rp.ready_timeout_s,
+                num_cpus=ext.num_cpus, num_gpus=ext.num_gpus,
                 control_name=f"{rp.control_name}-{ext.name}", name=ext.name,
             )
         for name, pool in self.pools.items():
@@ -114,13 +116,22 @@ class Service:
                 pool.wait_ready()
             except RewardError as e:
                 raise RewardError(f"reward {name!r}: {e}", last_error=e.last_error) from e
-        self.learner = LearnerGroup(
-            cfg.learner.num_ranks, lora=lora, grpo=cfg.grpo, model_path=m.path, dtype=m.dtype,
-            device=m.device, num_threads=cfg.learner.num_threads, num_cpus=cfg.learner.num_cpus,
-            zero_stage=cfg.learner.zero_stage, max_sequence_length=m.max_sequence_length,
-            require_resource=cfg.learner.require_resource,
-            gradient_checkpointing=cfg.learner.gradient_checkpointing,
-        )
+        try:
+            self.learner = LearnerGroup(
+                cfg.learner.num_ranks, lora=lora, grpo=cfg.grpo, model_path=m.path,
+                dtype=m.dtype, device=m.device, num_threads=cfg.learner.num_threads,
+                num_cpus=cfg.learner.num_cpus, zero_stage=cfg.learner.zero_stage,
+                max_sequence_length=m.max_sequence_length,
+                require_resource=cfg.learner.require_resource,
+                gradient_checkpointing=cfg.learner.gradient_checkpointing,
+                placement_timeout_s=cfg.learner.placement_timeout_s,
+            )
+        except PlacementTimeout:  # nothing to run with: the started actors go too
+            for pool in self.pools.values():
+                pool.shutdown()
+            for rollout_actor in self.rollout_actors:
+                ray.kill(rollout_actor)
+            raise
         self.weights: dict[int, ray.ObjectRef] = {}  # version -> ObjectRef[FlatWeights]
         self.failure: RewardFailure | None = None  # seen during an update, raised by gather
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.utils import logging as diffusers_logging
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -83,6 +83,25 @@ def build_pipeline(
     for module in _modules(pipe):
         module.requires_grad_(False)
     return pipe
+
+
+def build_vae(path: str, dtype: str = "float32", device: str = "cpu",
+              num_threads: int = 0) -> AutoencoderKL:
+    """The pipeline's VAE alone, frozen: what an actor that only decodes latents needs
+    (no transformer, no text encoders resident)."""
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if path == TINY_RANDOM:
+        vae = build_tiny_pipeline(seed=0).vae
+    else:
+        if looks_local(path):
+            _check_pipeline_dir(Path(path))
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
+    vae.to(device, DTYPES[dtype])
+    vae.requires_grad_(False)
+    return vae.eval()
 
 
 def looks_local(name_or_path: str) -> bool:

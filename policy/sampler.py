@@ -245,7 +245,8 @@ def predict_velocity(
     """The transformer's velocity at ``(latents, sigma)``, with CFG when ``guidance_scale > 1``.
 
     ``v = v_u + w (v_c - v_u)`` from one forward of the batch ``[negative; cond]``.
-    ``sigma`` is ``[B]``; SD3's transformer takes ``timestep = 1000 sigma``. Returns fp32.
+    ``sigma`` is ``[B]``; SD3's transformer takes ``timestep = 1000 sigma``, in fp32 whatever
+    the model's dtype (bf16 would round 743.1 to 744). Returns fp32.
     ``detach_uncond`` stops the gradient through ``v_u`` (Flow-GRPO's training forward
     does; SOLACE's does not); the value is unchanged.
     """
@@ -263,7 +264,7 @@ def predict_velocity(
         both, x, t = cond, latents, sigma
     v = transformer(
         hidden_states=x.to(dtype),
-        timestep=(t * 1000.0).to(dtype),
+        timestep=t * 1000.0,  # fp32, as diffusers' pipelines pass it: bf16 is off by up to ~2
         encoder_hidden_states=both.embeds.to(dtype),
         pooled_projections=both.pooled.to(dtype),
         return_dict=False,
@@ -404,7 +405,12 @@ def sample_rollout(
 @torch.no_grad()
 def decode_images(pipe, latents: torch.Tensor) -> np.ndarray:
     """Decode final latents ``[B, C, H, W]`` to ``uint8`` images ``[B, H', W', 3]``."""
-    vae = pipe.vae
+    return decode_latents(pipe.vae, latents)
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor) -> np.ndarray:
+    """:func:`decode_images` with the VAE alone (an actor that holds nothing else)."""
     z = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
     z = z + (vae.config.shift_factor or 0.0)
     images = vae.decode(z, return_dict=False)[0]

@@ -253,3 +253,20 @@ def test_rollouts_and_scores_in_chunks_are_those_of_one_batch(weights, rollouts)
     a, b = one.score(whole, weights[0]), pieces.score(whole, weights[0])
     np.testing.assert_allclose(b.reward, a.reward, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(b.per_step, a.per_step, rtol=1e-5, atol=1e-6)
+
+
+def test_an_external_reward_actor_holds_the_vae_alone_and_decodes_as_the_pipeline(rollouts):
+    from policy.pipeline import build_pipeline
+    from policy.sampler import decode_images
+
+    for path in ("tiny-random", "models/tiny-shapes-sd3"):
+        worker = ExternalRewardWorker(f"{__name__}:MeanBrightness", "b", path, num_threads=1)
+        assert not hasattr(worker, "pipe")  # no transformer or text encoders resident
+        pipe = build_pipeline(path)
+        latents = torch.randn(2, pipe.transformer.config.in_channels, 8, 8,
+                              generator=torch.Generator().manual_seed(0))
+        worker.score(dataclasses.replace(rollouts["v0"], latents=latents[:, None].numpy(),
+                                         prompt_ids=np.array([3, 7]), seeds=np.array([1, 2]),
+                                         prompts=["a", "b"]))
+        images = worker.scorer.calls[-1][0]
+        assert np.array_equal(images, decode_images(pipe, latents))

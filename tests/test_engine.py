@@ -216,3 +216,17 @@ def test_one_and_two_deepspeed_ranks_train_the_same_weights(setup, ray_cluster):
         group.shutdown()
     # Checkpoints travel as bytes: the driver never loads deepspeed.
     assert driver_had_deepspeed or "deepspeed" not in sys.modules
+
+
+def test_learner_ranks_are_placed_as_one_gang_or_not_at_all(ray_cluster):
+    """Two ranks of 3 CPUs on a 4-CPU instance: neither starts, and the message says why
+    (a rank placed alone would wait for the other forever in init_distributed)."""
+    from ray.util import placement_group_table
+
+    from learner.engine import LearnerGroup, PlacementTimeout
+
+    before = set(placement_group_table())
+    with pytest.raises(PlacementTimeout, match=r"2 ranks \(\{'CPU': 3\} each\).*placement_timeout_s"):
+        LearnerGroup(2, lora=LORA, grpo=RAY_GRPO, num_cpus=3, placement_timeout_s=2)
+    added = {k: v for k, v in placement_group_table().items() if k not in before}
+    assert added and all(v["state"] == "REMOVED" for v in added.values())

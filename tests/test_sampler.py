@@ -157,3 +157,22 @@ def test_detached_uncond_keeps_the_log_prob_and_changes_only_the_gradient(pipe):
         grads.append(torch.autograd.grad(out.log_prob.sum(), lora))
     assert torch.equal(values[0], values[1])  # same value: the ratio stays 1 on-policy
     assert any(not torch.allclose(a, b) for a, b in zip(*grads, strict=True))
+
+
+def test_the_timestep_reaches_a_bf16_transformer_in_fp32():
+    """bf16 has 8 bits of mantissa: 1000 sigma = 743.1 would arrive as 744."""
+    from policy.pipeline import build_pipeline
+    from policy.sampler import encode_prompts, predict_velocity
+
+    pipe = build_pipeline("tiny-random", dtype="bfloat16")
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["timestep"]), with_kwargs=True)
+    try:
+        cond = encode_prompts(pipe, ["a photo of a star"], 8)
+        v = predict_velocity(pipe.transformer, torch.randn(1, 4, 32, 32), torch.tensor([0.7431]),
+                             cond)
+    finally:
+        hook.remove()
+    assert seen[0].dtype == torch.float32 and seen[0].item() == pytest.approx(743.1)
+    assert v.dtype == torch.float32 and torch.isfinite(v).all()
