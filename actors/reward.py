@@ -134,7 +134,7 @@ class SelfConfidenceWorker:
                     transformer, r, cond, self.run_seed, self.credit_steps,
                     self.sampling_negative, self.num_probes, self.probe_fraction, self.delta,
                     self.aggregation, self.guidance_scale, self.negative,
-                    self.micro_batch).float().cpu().numpy()
+                    self.micro_batch, final_reward=reward).float().cpu().numpy()
         return Scores(
             sample_keys=sample_keys(rollout),
             reward=reward.float().cpu().numpy(),

@@ -277,6 +277,17 @@ def predict_velocity(
     return v_uncond + guidance_scale * (v_cond - v_uncond)
 
 
+def predict_x0(transformer: torch.nn.Module, latents: torch.Tensor, sigma: torch.Tensor,
+               cond: Conditioning, negative: Conditioning | None, spec: SamplerSpec
+               ) -> torch.Tensor:
+    """The sampler's predicted clean latent at ``(latents, sigma)``: ``z - sigma v(z)``,
+    with the sampler's own velocity (its CFG scale, from the empty-prompt ``negative``)."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device)
+    v = predict_velocity(transformer, latents, sigma.expand(latents.shape[0]), cond, negative,
+                         spec.guidance_scale)
+    return latents - sigma * v
+
+
 def conditional_velocity(transformer: torch.nn.Module, negative: Conditioning | None = None,
                          guidance_scale: float = 1.0):
     """``velocity_fn(z_t, sigma, cond)``: without CFG by default, as the self-confidence

@@ -36,7 +36,7 @@ from policy.sampler import (
     Rollout,
     conditional_velocity,
     derive_seed,
-    predict_velocity,
+    predict_x0,
     suffix_window,
 )
 
@@ -185,6 +185,13 @@ def group_slices(prompt_ids: torch.Tensor) -> list[slice]:
     return [slice(end - n, end) for end, n in zip(ends, counts.tolist(), strict=True)]
 
 
+def group_probe_seed(rollout: Rollout, rows: slice, run_seed: int) -> int:
+    """The seed of one group's probes: run seed, weight version, prompt id and the seed of
+    the group's first sample (see :func:`score_rollout`)."""
+    key = (int(rollout.prompt_ids[rows][0]), int(rollout.seeds[rows][0]))
+    return derive_seed(run_seed, PROBE_STREAM, rollout.weight_version, *key)
+
+
 @torch.no_grad()
 def score_rollout(
     transformer: torch.nn.Module,
@@ -213,8 +220,7 @@ def score_rollout(
     velocity = conditional_velocity(transformer, negative, guidance_scale)
     rewards, per_step = [], []
     for rows in group_slices(rollout.prompt_ids):
-        key = (int(rollout.prompt_ids[rows][0]), int(rollout.seeds[rows][0]))
-        seed = derive_seed(run_seed, PROBE_STREAM, rollout.weight_version, *key)
+        seed = group_probe_seed(rollout, rows, run_seed)
         out = self_confidence(
             velocity, rollout.final[rows], rollout.sigmas, cond.select(rows),
             num_probes=num_probes, probe_window=window, delta=delta,
@@ -241,6 +247,7 @@ def score_steps(
     guidance_scale: float = 1.0,
     negative: Any = None,
     micro_batch: int | None = None,
+    final_reward: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Self-confidence along the trajectory, for per-step credit: ``[B, len(steps) + 1]``.
 
@@ -250,25 +257,26 @@ def score_steps(
     :func:`score_rollout`'s reward. Every column of a group uses the group's probes of
     :func:`score_rollout`, so a difference between columns is the latents', not the
     probes'. The scoring velocity is as in :func:`score_rollout` (no CFG by default).
+    ``final_reward``: that reward, already computed (a reward worker has it): the last
+    column is taken from it instead of scoring the final latents a second time.
     """
     spec = rollout.spec
     window = suffix_window(spec.num_steps - 1, probe_fraction)
     velocity = conditional_velocity(transformer, negative, guidance_scale)
     out = []
     for rows in group_slices(rollout.prompt_ids):
-        key = (int(rollout.prompt_ids[rows][0]), int(rollout.seeds[rows][0]))
-        seed = derive_seed(run_seed, PROBE_STREAM, rollout.weight_version, *key)
+        seed = group_probe_seed(rollout, rows, run_seed)
         group_cond = cond.select(rows)
-        latents = [rollout.final[rows]]
-        for j in steps:
-            z, sigma = rollout.latents[rows, j], rollout.sigmas[j]
-            v = predict_velocity(transformer, z, sigma.expand(len(z)), group_cond,
-                                 sampling_negative, spec.guidance_scale)
-            latents.insert(-1, z - sigma * v)
+        latents = [predict_x0(transformer, rollout.latents[rows, j], rollout.sigmas[j],
+                              group_cond, sampling_negative, spec) for j in steps]
+        if final_reward is None:
+            latents.append(rollout.final[rows])
         columns = [self_confidence(
             velocity, x0, rollout.sigmas, group_cond, num_probes=num_probes,
             probe_window=window, delta=delta, aggregation=aggregation,
             generator=torch.Generator().manual_seed(seed), micro_batch=micro_batch).reward
             for x0 in latents]
+        if final_reward is not None:
+            columns.append(final_reward[rows].to(columns[0]))
         out.append(torch.stack(columns, dim=1))
     return torch.cat(out)

@@ -41,7 +41,7 @@ from policy.sampler import (
     derive_seed,
     encode_prompts,
     latent_side,
-    predict_velocity,
+    predict_x0,
     sample_noise,
     sd3_sigmas,
     suffix_window,
@@ -172,24 +172,17 @@ def best_of_n(pipe, prompts: list[str], n: int, spec: SamplerSpec,
         noise = sample_noise(seeds, (spec.num_steps + 1, channels, side, side)).to(device)
         cond = encode_prompts(pipe, [prompt] * n, max_sequence_length)
         probe_seed = derive_seed(seed, VERIFY_STREAM, PROBE_STREAM, pid)
-
-
-        def run(x, rows, steps, cond=cond, noise=noise):
-            return denoise(transformer, x, steps, sigmas, cond.select(rows), negative, spec,
-                           noise[rows])
-
         rows = torch.arange(n)
         x = noise[:, 0]
         early = None
         if early_step is not None:
-            x = run(x, rows, range(early_step))
-            v = predict_velocity(transformer, x, sigmas[early_step].expand(n), cond,
-                                 negative, spec.guidance_scale)
-            early = score_latents(transformer, x - sigmas[early_step] * v, sigmas, cond,
-                                  verifier, probe_seed)
+            x = denoise(transformer, x, range(early_step), sigmas, cond, negative, spec, noise)
+            x0 = predict_x0(transformer, x, sigmas[early_step], cond, negative, spec)
+            early = score_latents(transformer, x0, sigmas, cond, verifier, probe_seed)
             rows = torch.sort(torch.argsort(early, descending=True, stable=True)[:keep]).values
             x = x[rows]
-        final = run(x, rows, range(early_step or 0, spec.num_steps))  # [len(rows), C, H, W]
+        final = denoise(transformer, x, range(early_step or 0, spec.num_steps), sigmas,
+                        cond.select(rows), negative, spec, noise[rows])  # [len(rows), C, H, W]
         scores = torch.full((n,), math.nan)
         if n > 1:  # one candidate: nothing to choose between, nothing to score
             scores[rows] = score_latents(transformer, final, sigmas, cond.select(rows),
