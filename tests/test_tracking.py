@@ -8,6 +8,7 @@ would fail the run instead of hanging it).
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -158,7 +159,10 @@ def test_wandb_offline_writes_under_the_run_dir_without_network_or_login(tmp_pat
     assert net.requests == []
     run_id = (run_dir / WANDB_ID_FILE).read_text().strip()
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs)  # one run id
+    # One run id for the run and its resume. W&B names a run's folder by its start second and
+    # id, and adds "-1" when two runs of one id start within the same second.
+    assert len(runs) == 2
+    assert all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", r.name) for r in runs)
     assert all((r / f"run-{run_id}.wandb").stat().st_size > 0 for r in runs)
     assert list((runs[0] / "files" / "media" / "images").glob("samples_*.png"))
     assert "login" not in (out.stdout + out.stderr).lower()
