@@ -13,20 +13,27 @@ transformers class, only small:
   pipeline reads `hidden_states[-2]`, so one layer would not do). Their
   `eos_token_id` is the real id of `<|endoftext|>`, so the pooled output is taken at
   the first EOS token (an `eos_token_id` of 2 would select CLIP's legacy argmax rule).
-* `text_encoder_3`, `tokenizer_3`: None; the pipeline then feeds zeros in the T5 slot.
-  Pass a small `max_sequence_length` to the pipeline to keep that slot short.
+* `text_encoder_3`, `tokenizer_3` (with ``t5_layers > 0``): a ``t5_layers``-layer
+  `T5EncoderModel` (gated GELU, as T5 v1.1 in SD3) at the transformer's
+  `joint_attention_dim`, and a `T5TokenizerFast` whose Unigram vocabulary holds each
+  vocabulary word as one piece, plus single characters so that an unknown word
+  spells out rather than mapping to `<unk>`. With ``t5_layers=0`` both are None and
+  the pipeline feeds zeros in the T5 slot. Either way the slot is
+  `max_sequence_length` tokens long (diffusers' default is 256).
 * `vae`: an `AutoencoderKL` with 4 latent channels and one 2x downsample, so a
   64 px image is a 4x32x32 latent (`sample_size` is the latent side).
 * `transformer`: an `SD3Transformer2DModel` with patch 2 and 4 channels in and out.
 * `scheduler`: `FlowMatchEulerDiscreteScheduler(shift=3.0)`, as for SD3.5.
 
 The weights are random but drawn from `seed` only, so two builds with the same seed
-have bit-identical state dicts. `pipe.save_pretrained(d)` round-trips offline through
-`policy.pipeline.load_pipeline(d)`, or through
-`StableDiffusion3Pipeline.from_pretrained(d, text_encoder_3=None, tokenizer_3=None)`:
-diffusers saves the missing T5 as null and refuses to load a null component that is
-not passed explicitly. The tokenizers are saved as `tokenizer.json` only (no
-`vocab.json`/`merges.txt`), which `CLIPTokenizer.from_pretrained` reads back.
+have bit-identical state dicts; the T5 is drawn last, so adding it leaves the other
+components' weights unchanged. `pipe.save_pretrained(d)` round-trips offline through
+`policy.pipeline.load_pipeline(d)`; with a T5 also through plain
+`StableDiffusion3Pipeline.from_pretrained(d)`. Without one, that call needs
+`text_encoder_3=None, tokenizer_3=None`: diffusers saves the missing T5 as null and
+refuses to load a null component that is not passed explicitly. The tokenizers are
+saved as `tokenizer.json` only (no `vocab.json`/`merges.txt`/`spiece.model`), which
+`CLIPTokenizer` and `T5TokenizerFast` read back.
 """
 
 from collections import Counter
@@ -41,7 +48,14 @@ from diffusers import (
     StableDiffusion3Pipeline,
 )
 from tokenizers import pre_tokenizers
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 # The words of the shapes world's prompts ("a photo of a circle left of a blue
 # triangle"). Unlisted words still tokenize, as several byte tokens each.
@@ -81,11 +95,13 @@ def build_tiny_pipeline(
     text_projection_dim: int = 32,
     vae_channels: tuple[int, ...] = (16, 32),
     latent_channels: int = 4,
+    t5_layers: int = 0,
 ) -> StableDiffusion3Pipeline:
     """Build the tiny SD3 pipeline with weights drawn from `seed`.
 
     `sample_size` is the latent side; images are `sample_size * 2 ** (len(vae_channels) - 1)`
-    pixels square (64 px by default).
+    pixels square (64 px by default). ``t5_layers > 0`` adds a T5 text encoder of that
+    many layers; 0 leaves the T5 slot empty (zeros).
     The caller's global torch RNG state is left untouched.
     """
     tokenizer = build_tokenizer(vocabulary, model_max_length=model_max_length)
@@ -113,6 +129,10 @@ def build_tiny_pipeline(
             pos_embed_max_size=sample_size // 2,
             qk_norm="rms_norm",  # as in SD3.5
         )
+        # Last, so that a T5 leaves every other component's weights as they were.
+        tokenizer_3 = build_t5_tokenizer(vocabulary) if t5_layers else None
+        text_encoder_3 = (_build_t5_encoder(tokenizer_3, 2 * text_hidden_size, t5_layers)
+                          if t5_layers else None)
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
@@ -122,8 +142,8 @@ def build_tiny_pipeline(
         text_encoder_2=text_encoder_2,
         # Two tokenizer objects, as a saved pipeline loads two.
         tokenizer_2=build_tokenizer(vocabulary, model_max_length=model_max_length),
-        text_encoder_3=None,
-        tokenizer_3=None,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
     )
 
 
@@ -141,6 +161,45 @@ def build_tokenizer(vocabulary: Sequence[str], *, model_max_length: int = 20) ->
         merges=merges,
         model_max_length=model_max_length,
     )
+
+
+T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"
+T5_WORD_START = "\u2581"  # sentencepiece's word-boundary mark
+T5_CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()"
+
+
+def build_t5_tokenizer(vocabulary: Sequence[str], *, model_max_length: int = 256) -> T5TokenizerFast:
+    """A Unigram `T5TokenizerFast` in which each vocabulary word is one piece.
+
+    T5's layout: pad 0, EOS 1, unk 2, then the pieces. A word's piece outscores any
+    spelling of it; other words fall back to the bare word mark and one piece per
+    character, which is what T5's sentencepiece model does with a rare word.
+    """
+    words = sorted({_checked_word(word) for word in vocabulary})
+    pieces = [(T5_PAD, 0.0), (T5_EOS, 0.0), (T5_UNK, 0.0)]
+    pieces += [(T5_WORD_START + word, -1.0) for word in words]
+    pieces += [(T5_WORD_START, -2.0)] + [(char, -5.0) for char in T5_CHARACTERS]
+    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
+
+
+def _build_t5_encoder(tokenizer: T5TokenizerFast, width: int, layers: int) -> T5EncoderModel:
+    """A small T5 v1.1-style encoder (gated GELU, untied, no dropout) of ``width``."""
+    heads = 4 if width % 4 == 0 else 1
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=width,
+        d_kv=width // heads,
+        d_ff=2 * width,
+        num_layers=layers,
+        num_heads=heads,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    return T5EncoderModel(config).eval()
 
 
 def learn_merges(words: Sequence[str]) -> list[tuple[str, str]]:

@@ -10,14 +10,21 @@ Two stages, both on freshly rendered scenes (``shapes.world``), never on files:
    ``v = eps - x0``, with ``t`` logit-normal (SD3) and the caption dropped to the empty
    prompt 10 % of the time so that CFG works. The saved weights are an EMA.
 
-The two CLIP text encoders stay at their seeded random initialisation, frozen: the
+A second stage may continue from a saved model (``init_from``): its VAE is kept, a T5
+text encoder may be added (``t5_layers``), and the transformer trains on, with the
+tags drawn in proportion to ``tag_weights``. ``long_sequence_share`` of the batches
+pad the T5 slot to a length drawn log-uniformly up to ``long_sequence_max`` instead of
+``max_sequence_length``, so the model also works at diffusers' default of 256 tokens.
+
+The text encoders stay at their seeded random initialisation, frozen: the
 vocabulary is ~40 words, a random encoder already gives every prompt a distinct,
 position-aware token sequence, and SD3's joint attention learns to bind colours to
 shapes from it. Freezing keeps pretraining cheap and leaves the text side identical
 in every stage that loads the model (the RL stage never trains it either).
 
-Deviations from SD3's recipe: no T5 (the pipeline pads its slots with zeros), a 2x
-VAE with 4 channels instead of 8x with 16, and small batches; all for a 2-core CPU.
+Deviations from SD3's recipe: a 2-layer T5 at 64 wide (or none: the pipeline then pads
+its slots with zeros), a 4x VAE with 8 channels instead of 8x with 16, and small
+batches; all for a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -32,12 +39,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
+from policy.pipeline import load_pipeline
 from policy.sampler import encode_prompts
 from policy.tiny import build_tiny_pipeline, vae_scale_factor
-from shapes.world import pretraining_metadata, render
+from shapes.world import TAGS, pretraining_metadata, render
 
 IMAGE_SIZE = 64  # the shapes world's render size
 
@@ -56,7 +64,16 @@ class PretrainConfig(BaseModel):
         (16, 32, 32), description="VAE block widths; n levels downsample 2^(n-1) times"
     )
     latent_channels: int = Field(8, ge=1, description="VAE latent channels")
-    max_sequence_length: int = Field(8, ge=1, description="zero T5 slots in the text sequence")
+    max_sequence_length: int = Field(8, ge=1, description="T5 slots in the text sequence")
+    t5_layers: int = Field(0, ge=0, description="layers of the T5 text encoder; 0: no T5 (zeros)")
+    init_from: str | None = Field(
+        None, description="continue from this saved model: keep its VAE and text encoders "
+        "(adding a T5 if t5_layers asks and it has none) and train its transformer on")
+    tag_weights: dict[str, float] | None = Field(
+        None, description="relative share of each tag's scenes; None: uniform over tags")
+    long_sequence_share: float = Field(
+        0.0, ge=0, le=1, description="share of batches whose T5 slot is longer than max_sequence_length")
+    long_sequence_max: int = Field(256, ge=1, description="longest T5 slot those batches draw")
     vae_steps: int = Field(900, ge=0, description="VAE optimiser steps")
     vae_batch: int = Field(32, ge=1, description="VAE batch size")
     vae_lr: float = Field(2e-3, gt=0, description="VAE AdamW learning rate")
@@ -72,6 +89,24 @@ class PretrainConfig(BaseModel):
     log_every: int = Field(100, ge=1, description="steps between loss-log lines")
 
 
+    @model_validator(mode="after")
+    def _check(self) -> "PretrainConfig":
+        if self.tag_weights is not None:
+            unknown = sorted(set(self.tag_weights) - set(TAGS))
+            if unknown or not any(w > 0 for w in self.tag_weights.values()):
+                raise ValueError(f"tag_weights: tags must be among {list(TAGS)} with a positive "
+                                 f"weight somewhere; got {self.tag_weights}")
+            if any(w < 0 for w in self.tag_weights.values()):
+                raise ValueError(f"tag_weights must be >= 0, got {self.tag_weights}")
+        if self.long_sequence_share and self.long_sequence_max <= self.max_sequence_length:
+            raise ValueError("long_sequence_max must exceed max_sequence_length when "
+                             "long_sequence_share > 0")
+        if self.init_from and not (Path(self.init_from) / "model_index.json").exists():
+            raise ValueError(f"init_from: {self.init_from} holds no model_index.json; "
+                             "name a saved diffusers directory")
+        return self
+
+
 def load_pretrain_config(path: str | Path | None, overrides: list[str] = ()) -> PretrainConfig:
     tree = yaml.safe_load(Path(path).read_text()) if path else {}
     for item in overrides:
@@ -80,9 +115,10 @@ def load_pretrain_config(path: str | Path | None, overrides: list[str] = ()) -> 
     return PretrainConfig.model_validate(tree or {})
 
 
-def render_batch(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, list[str]]:
+def render_batch(rng: np.random.Generator, n: int,
+                 tag_weights: dict[str, float] | None = None) -> tuple[torch.Tensor, list[str]]:
     """``n`` random scenes as images in [-1, 1] ``[n, 3, 64, 64]`` and their prompts."""
-    metas = [pretraining_metadata(rng) for _ in range(n)]
+    metas = [pretraining_metadata(rng, tag_weights) for _ in range(n)]
     images = np.stack([render(m, rng) for m in metas])  # [n, 64, 64, 3] uint8
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return x, [m["prompt"] for m in metas]
@@ -119,6 +155,18 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
+def sequence_length(cfg: PretrainConfig, gen: torch.Generator) -> int:
+    """The T5 slot's length for one batch: ``max_sequence_length``, or for
+    ``long_sequence_share`` of the batches log-uniform up to ``long_sequence_max``."""
+    if not cfg.long_sequence_share:
+        return cfg.max_sequence_length
+    u, v = torch.rand(2, generator=gen).tolist()
+    if u >= cfg.long_sequence_share:
+        return cfg.max_sequence_length
+    low, high = math.log(cfg.max_sequence_length + 1), math.log(cfg.long_sequence_max)
+    return round(math.exp(low + v * (high - low)))
+
+
 def train_transformer(pipe, cfg: PretrainConfig, rng: np.random.Generator, log) -> None:
     """Rectified-flow matching on VAE latents of fresh renders, with an EMA copy."""
     tf = pipe.transformer.train().requires_grad_(True)
@@ -129,12 +177,12 @@ def train_transformer(pipe, cfg: PretrainConfig, rng: np.random.Generator, log) 
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     bar = tqdm(range(cfg.steps), desc="transformer", mininterval=5)
     for step in bar:
-        x, prompts = render_batch(rng, cfg.batch)
+        x, prompts = render_batch(rng, cfg.batch, cfg.tag_weights)
         with torch.no_grad():
             x0 = (vae.encode(x).latent_dist.sample(generator=gen) - shift) * scale  # [n,4,32,32]
             drop = torch.rand(cfg.batch, generator=gen) < cfg.caption_dropout
             prompts = ["" if d else p for d, p in zip(drop.tolist(), prompts, strict=True)]
-            cond = encode_prompts(pipe, prompts, cfg.max_sequence_length)
+            cond = encode_prompts(pipe, prompts, sequence_length(cfg, gen))
         # x_t = (1 - t) x0 + t eps with t logit-normal; target v = eps - x0
         t = torch.sigmoid(torch.randn(cfg.batch, generator=gen))  # [n]
         eps = torch.randn(x0.shape, generator=gen)
@@ -159,19 +207,36 @@ def train_transformer(pipe, cfg: PretrainConfig, rng: np.random.Generator, log) 
     tf.eval().requires_grad_(False)
 
 
+def continued(cfg: PretrainConfig, fresh):
+    """The saved model ``cfg.init_from``, with ``fresh``'s T5 added if it has none."""
+    pipe = load_pipeline(cfg.init_from)
+    for name in ("transformer", "vae"):
+        saved, built = getattr(pipe, name).state_dict(), getattr(fresh, name).state_dict()
+        if {k: v.shape for k, v in saved.items()} != {k: v.shape for k, v in built.items()}:
+            raise ValueError(f"init_from {cfg.init_from}: its {name} does not have the shapes "
+                             "this config builds; copy its pretrain_config.yaml's architecture")
+    if pipe.text_encoder_3 is None and fresh.text_encoder_3 is not None:
+        pipe.register_modules(text_encoder_3=fresh.text_encoder_3, tokenizer_3=fresh.tokenizer_3)
+    elif (pipe.text_encoder_3 is None) != (fresh.text_encoder_3 is None):
+        raise ValueError(f"init_from {cfg.init_from} has a T5 and t5_layers is 0; set t5_layers")
+    return pipe
+
+
 def pretrain(cfg: PretrainConfig, out: Path) -> Path:
     """Build the tiny pipeline from ``cfg.seed``, train VAE then transformer, save to ``out``."""
     torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    pipe = build_tiny_pipeline(
+    fresh = build_tiny_pipeline(
         seed=cfg.seed, transformer_layers=cfg.transformer_layers,
         transformer_heads=cfg.transformer_heads, head_dim=cfg.head_dim,
         vae_channels=cfg.vae_channels, latent_channels=cfg.latent_channels,
-        sample_size=IMAGE_SIZE // vae_scale_factor(cfg.vae_channels),
+        sample_size=IMAGE_SIZE // vae_scale_factor(cfg.vae_channels), t5_layers=cfg.t5_layers,
     )
-    for module in (pipe.text_encoder, pipe.text_encoder_2):
-        module.eval().requires_grad_(False)
+    pipe = fresh if cfg.init_from is None else continued(cfg, fresh)
+    for module in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+        if module is not None:
+            module.eval().requires_grad_(False)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with open(out / "pretrain_log.jsonl", "w") as f:
@@ -180,7 +245,8 @@ def pretrain(cfg: PretrainConfig, out: Path) -> Path:
             f.write(json.dumps(row) + "\n")
             f.flush()
 
-        train_vae(pipe, cfg, rng, log)
+        if cfg.init_from is None:  # a continued model keeps its VAE and latent statistics
+            train_vae(pipe, cfg, rng, log)
         train_transformer(pipe, cfg, rng, log)
         log({"stage": "done"})
     pipe.save_pretrained(out)

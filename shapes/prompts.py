@@ -134,10 +134,15 @@ def allowed_colors(cls: str) -> list[str]:
     return [c for c in COLORS if (c, cls) not in HELD_OUT_PAIRS]
 
 
-def pretraining_metadata(rng: np.random.Generator) -> dict:
-    """A random scene for pretraining: uniform tag, then a uniform prompt of that tag
-    that names no held-out pair (the renderer keeps uncoloured objects off them too)."""
-    tag = TAGS[rng.integers(len(TAGS))]
+def pretraining_metadata(rng: np.random.Generator, tag_weights: dict[str, float] | None = None) -> dict:
+    """A random scene for pretraining: a tag (uniform, or in proportion to ``tag_weights``),
+    then a uniform prompt of that tag that names no held-out pair (the renderer keeps
+    uncoloured objects off them too)."""
+    if tag_weights:
+        p = np.array([tag_weights.get(t, 0.0) for t in TAGS], dtype=float)
+        tag = TAGS[rng.choice(len(TAGS), p=p / p.sum())]
+    else:
+        tag = TAGS[rng.integers(len(TAGS))]
     prompts = [m for m in enumerate_prompts(tag) if not uses_held_out(m)]
     return prompts[rng.integers(len(prompts))]
 
