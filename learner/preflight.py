@@ -27,7 +27,7 @@ from pathlib import Path
 
 from learner.config import Config, ExternalRewardConfig
 from learner.prompts import load_prompts, select_tags
-from policy.pipeline import MODEL_INDEX, TINY_RANDOM, looks_local
+from policy.pipeline import MODEL_INDEX, TINY_RANDOM, local_t5_tokenizer, looks_local, t5_overflow
 from policy.sampler import check_resolution
 
 BUILTIN_MODELS = (TINY_RANDOM,)  # names policy.pipeline.build_pipeline builds itself
@@ -50,7 +50,7 @@ def preflight(cfg: Config) -> None:
     Every check runs, so one attempt reports every problem, not the first of several.
     """
     checks: list[Callable[[Config], None]] = [
-        check_model, check_prompts, check_scorers, check_metrics_port]
+        check_model, check_prompts, check_sequence_length, check_scorers, check_metrics_port]
     problems: list[str] = []  # one line each
     for check in checks:
         try:
@@ -151,6 +151,29 @@ def check_prompts(cfg: Config) -> None:
             problems.append(f"{field}: {e}")
     if problems:
         raise PreflightError("\n".join(problems))
+
+
+def check_sequence_length(cfg: Config) -> None:
+    """No prompt is longer than the T5 slot (``model.max_sequence_length``) of a local
+    model with a T5 encoder: diffusers would cut it short, with a warning per batch.
+    (A hub model's tokenizer is not read here.)"""
+    path = cfg.model.path
+    if path in BUILTIN_MODELS or not looks_local(path):
+        return
+    try:
+        tokenizer = local_t5_tokenizer(path)
+        rows = load_prompts(cfg.train.prompts, field="train.prompts")
+        if cfg.eval.every > 0:
+            rows += load_prompts(cfg.eval.prompts, field="eval.prompts")
+    except (OSError, ValueError):
+        return  # check_model / check_prompts report these
+    n = cfg.model.max_sequence_length
+    over = t5_overflow(tokenizer, [r["prompt"] for r in rows], n)
+    if over is not None:
+        raise PreflightError(
+            f"model.max_sequence_length {n}: {over.count} prompt(s) are longer than the T5 "
+            f"slot and would reach the T5 encoder cut short (the longest, {over.longest!r}, "
+            f"is {over.tokens} tokens with EOS); set model.max_sequence_length >= {over.tokens}")
 
 
 # -- external rewards -------------------------------------------------------------------

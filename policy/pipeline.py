@@ -116,6 +116,40 @@ def looks_local(name_or_path: str) -> bool:
     return len(path.parts) != 2 or Path(path.parts[0]).is_dir()
 
 
+@dataclass(frozen=True)
+class T5Overflow:
+    """Prompts longer than the T5 slot: the encoder sees them cut short."""
+
+    count: int  # prompts longer than the slot
+    longest: str  # the longest prompt
+    tokens: int  # its length in T5 tokens, EOS included
+
+
+def t5_overflow(tokenizer, prompts: list[str], max_sequence_length: int) -> T5Overflow | None:
+    """Which ``prompts`` a T5 slot of ``max_sequence_length`` tokens truncates, or None.
+
+    ``tokenizer`` is the pipeline's ``tokenizer_3``; None (no T5) truncates nothing.
+    """
+    if tokenizer is None or not prompts:
+        return None
+    lengths = [len(ids) for ids in tokenizer(list(prompts)).input_ids]
+    over = [n for n in lengths if n > max_sequence_length]
+    if not over:
+        return None
+    i = max(range(len(lengths)), key=lengths.__getitem__)
+    return T5Overflow(len(over), prompts[i], lengths[i])
+
+
+def local_t5_tokenizer(model_dir: str | Path):
+    """The T5 tokenizer a local pipeline directory holds (``tokenizer_3/``), or None."""
+    folder = Path(model_dir).expanduser() / "tokenizer_3"
+    if not folder.is_dir():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
 def _check_pipeline_dir(path: Path) -> None:
     """Fail with the path and what was expected, not diffusers' hub error."""
     path = path.expanduser()

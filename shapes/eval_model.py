@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from policy.grid import prompt_lines, save_grid
-from policy.pipeline import build_pipeline, load_fused_lora
+from policy.pipeline import build_pipeline, load_fused_lora, t5_overflow
 from policy.sampler import (
     SamplerSpec,
     decode_images,
@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the evaluation noise")
     parser.add_argument("--out", type=Path, help="directory for report.json and grid.png")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--max-sequence-length", type=int, default=8, metavar="N",
+                        help="T5 slots of the text sequence, as the run's model.max_sequence_length")
     parser.add_argument("--paired-with", type=Path, metavar="REPORT",
                         help="another model's report.json of the same split and seed: print "
                         "the strict gain over it, image by image, with standard errors")
@@ -120,14 +122,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.lora:
         load_fused_lora(pipe, args.lora)
     rows = load_split(args.split)
+    over = t5_overflow(pipe.tokenizer_3, [r["prompt"] for r in rows], args.max_sequence_length)
+    if over is not None:
+        parser.error(f"--max-sequence-length {args.max_sequence_length} cuts {over.count} "
+                     f"prompt(s) short in the T5 encoder (the longest, {over.longest!r}, is "
+                     f"{over.tokens} tokens); pass --max-sequence-length {over.tokens} or more")
     started = time.perf_counter()
-    ev = evaluate(pipe, rows, args.per_prompt, args.steps, args.cfg, args.seed)
+    ev = evaluate(pipe, rows, args.per_prompt, args.steps, args.cfg, args.seed,
+                  args.max_sequence_length)
     seconds = time.perf_counter() - started
     print(format_table(ev.summary, f"ShapesEval, {args.split} split, {len(rows)} prompts x "
                        f"{args.per_prompt} images, {args.steps} steps, CFG {args.cfg}:"))
     print(f"  ({len(ev.images)} images in {seconds:.0f} s)")
     report = {"model": args.model, "lora": args.lora, "split": args.split,
-              "per_prompt": args.per_prompt, "steps": args.steps, "cfg": args.cfg,
+              "max_sequence_length": args.max_sequence_length, "per_prompt": args.per_prompt, "steps": args.steps, "cfg": args.cfg,
               "seed": args.seed, "seconds": round(seconds, 1), "summary": ev.summary,
               "images": [{"prompt": m["prompt"], "tag": m["tag"], "strict": bool(s),
                           "partial": float(p), "failures": d.failures}

@@ -106,7 +106,8 @@ def train_run(cfg: Config, run_dir: Path, ray_cpus: int) -> None:
     timing.write_text(json.dumps({"seconds": round(before + time.perf_counter() - started, 1)}))
 
 
-def evaluate_run(run_dir: Path, model: str, lora: Path | None, settings: dict) -> dict:
+def evaluate_run(run_dir: Path, model: str, lora: Path | None, settings: dict,
+                 max_sequence_length: int) -> dict:
     """ShapesEval summaries per split; the first image of each prompt to eval_images.npz."""
     from policy.pipeline import build_pipeline, load_fused_lora
     from shapes.eval_model import evaluate
@@ -117,7 +118,8 @@ def evaluate_run(run_dir: Path, model: str, lora: Path | None, settings: dict) -
     out, arrays = {}, {}
     for split in SPLITS:
         rows = eval_rows(split, settings["limit"])
-        ev = evaluate(pipe, rows, settings["per_prompt"], EVAL["steps"], EVAL["cfg"], EVAL["seed"])
+        ev = evaluate(pipe, rows, settings["per_prompt"], EVAL["steps"], EVAL["cfg"], EVAL["seed"],
+                      max_sequence_length)
         out[split] = ev.summary
         first = np.arange(0, len(ev.images), settings["per_prompt"])  # image 0 of each prompt
         arrays |= {f"{split}/images": ev.images[first], f"{split}/strict": ev.scores.strict[first],
@@ -142,7 +144,8 @@ def run_one(run: Run, runs_dir: Path, settings: dict, extra: Sequence[str], ray_
     started = time.perf_counter()
     lora = run_dir / "lora" if run.preset is not None else None
     result = {"run": run.name, "eval": settings,
-              **evaluate_run(run_dir, cfg.model.path, lora, settings),
+              **evaluate_run(run_dir, cfg.model.path, lora, settings,
+                              cfg.model.max_sequence_length),
               "eval_seconds": round(time.perf_counter() - started, 1)}
     (run_dir / "eval.json").write_text(json.dumps(result, indent=1))
     print(f"[reproduce] {run.name}: ShapesEval overall test {result['test']['overall']:.3f}, "

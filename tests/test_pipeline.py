@@ -18,8 +18,9 @@ from policy.pipeline import (
     load_pipeline,
     lora_state_dict,
     save_lora,
+    t5_overflow,
 )
-from policy.tiny import DEFAULT_VOCABULARY, TINY_IMAGE_SIZE, build_tiny_pipeline
+from policy.tiny import DEFAULT_VOCABULARY, TINY_IMAGE_SIZE, build_t5_tokenizer, build_tiny_pipeline
 
 PROMPT = "a photo of two red squares"
 # Rank differs from alpha so a loader that drops alpha would scale the update wrongly.
@@ -140,6 +141,44 @@ def test_diffusers_from_pretrained_round_trips_with_t5_passed_as_none(tmp_path):
     )
     inputs = transformer_inputs(pipe)
     assert torch.equal(velocity(loaded.transformer, inputs), velocity(pipe.transformer, inputs))
+
+
+def test_t5_tokenizer_keeps_each_word_whole_and_spells_unknown_words():
+    tokenizer = build_t5_tokenizer(DEFAULT_VOCABULARY)
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2)
+    for word in DEFAULT_VOCABULARY:
+        ids = tokenizer(word).input_ids
+        assert len(ids) == 2 and ids[-1] == tokenizer.eos_token_id, (word, ids)
+    ids = tokenizer("a zebra, 3!").input_ids
+    assert tokenizer.unk_token_id not in ids and len(ids) > 4
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "a zebra, 3!"
+
+
+def test_a_t5_leaves_the_other_weights_and_loads_with_plain_from_pretrained(tmp_path):
+    without, with_t5 = all_state(build_tiny_pipeline(seed=2)), build_tiny_pipeline(seed=2, t5_layers=1)
+    assert all(torch.equal(without[k], v) for k, v in all_state(with_t5).items())
+    with_t5.save_pretrained(tmp_path)
+    loaded = StableDiffusion3Pipeline.from_pretrained(tmp_path)  # nothing passed as None
+    assert loaded.text_encoder_3.config.d_model == with_t5.transformer.config.joint_attention_dim
+    long = "a photo of a red circle left of a blue square"
+    with torch.no_grad():
+        mine, theirs = (p.encode_prompt(long, None, None, max_sequence_length=16)[0]
+                        for p in (with_t5, loaded))
+    torch.testing.assert_close(mine, theirs)
+    # The T5 half of the text sequence is the encoder's output, not zeros.
+    assert mine[:, -16:].abs().sum() > 0
+    images = loaded(prompt=[long], num_inference_steps=2, height=64, width=64,
+                    output_type="np").images  # diffusers' default 256 T5 slots
+    assert np.isfinite(images).all()
+
+
+def test_t5_overflow_names_the_longest_prompt():
+    tokenizer = build_t5_tokenizer(DEFAULT_VOCABULARY)
+    prompts = ["a photo of a circle", "a photo of a red circle left of a blue square"]
+    over = t5_overflow(tokenizer, prompts, 8)
+    assert (over.count, over.longest, over.tokens) == (1, prompts[1], 12)
+    assert t5_overflow(tokenizer, prompts, 12) is None
+    assert t5_overflow(None, prompts, 1) is None  # no T5, nothing to cut
 
 
 def test_load_pipeline_names_a_missing_or_incomplete_directory(tmp_path, monkeypatch):

@@ -56,6 +56,18 @@ def test_a_diffusers_directory_and_the_builtin_pass(tmp_path):
     preflight(load_config(None, [OFF, "model.path=tiny-random"]))
 
 
+def test_a_t5_slot_shorter_than_the_prompts_is_named_with_the_length_to_set(tmp_path):
+    from policy.tiny import DEFAULT_VOCABULARY, build_t5_tokenizer
+
+    (tmp_path / "model_index.json").write_text("{}")
+    build_t5_tokenizer(DEFAULT_VOCABULARY).save_pretrained(tmp_path / "tokenizer_3")
+    message = fails([f"model.path={tmp_path}", "model.max_sequence_length=8"],
+                    "model.max_sequence_length 8", "cut short", "set model.max_sequence_length >= ")
+    needed = int(message.rsplit(">= ", 1)[1])
+    preflight(load_config(None, [OFF, f"model.path={tmp_path}",
+                                 f"model.max_sequence_length={needed}"]))
+
+
 def test_a_hub_id_passes_online_and_fails_offline_unless_cached(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     preflight(load_config(None, [OFF, "model.path=nobody-here/no-such-model"]))

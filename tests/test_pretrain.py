@@ -9,8 +9,11 @@ import torch
 
 from policy.pipeline import load_pipeline
 from shapes import eval_model
-from shapes.pretrain import load_pretrain_config, main, pretrain
+from shapes.pretrain import load_pretrain_config, main, pretrain, sequence_length
+from shapes.prompts import pretraining_metadata
 
+ROOT = Path(__file__).resolve().parents[1]
+STAGE_2 = ROOT / "configs" / "pretrain_tiny_shapes_t5.yaml"
 FEW = ["vae_steps=2", "vae_batch=4", "steps=3", "batch=4", "warmup=1", "log_every=1",
        "transformer_layers=1", "head_dim=8", "vae_channels=[8, 8, 8]"]
 
@@ -56,3 +59,52 @@ def test_eval_cli_writes_report_and_grid(tiny_run, tmp_path, capsys):
 def test_preset_is_the_default_recipe():
     # The shipped model's recipe: the preset and the built-in defaults agree.
     assert load_pretrain_config(Path("configs/pretrain_tiny_shapes.yaml")) == load_pretrain_config(None)
+
+
+def test_a_second_stage_keeps_the_vae_and_clip_encoders_and_adds_a_t5(tiny_run, tmp_path):
+    cfg = load_pretrain_config(STAGE_2, FEW + [f"init_from={tiny_run}", "t5_layers=1",
+                                               "long_sequence_max=40", "long_sequence_share=0.5"])
+    out = pretrain(cfg, tmp_path / "stage2")
+    log = [json.loads(line) for line in (out / "pretrain_log.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in log} == {"transformer", "done"}  # no VAE stage
+    first, second = load_pipeline(str(tiny_run)), load_pipeline(str(out))
+    for name in ("vae", "text_encoder", "text_encoder_2"):
+        a, b = getattr(first, name).state_dict(), getattr(second, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert second.vae.config.scaling_factor == first.vae.config.scaling_factor
+    a, b = first.transformer.state_dict(), second.transformer.state_dict()
+    assert not all(torch.equal(a[k], b[k]) for k in a)  # it trained on
+    assert second.text_encoder_3 is not None and second.tokenizer_3 is not None
+    images = second(prompt=["a photo of a red circle left of a blue square"], num_inference_steps=2,
+                    height=64, width=64, output_type="np", max_sequence_length=16).images
+    assert np.isfinite(images).all()
+
+
+@pytest.mark.parametrize("override, expected", [
+    (["tag_weights={nope: 1.0}"], "tags must be among"),
+    (["tag_weights={position: -1.0, colors: 1.0}"], "must be >= 0"),
+    (["tag_weights={position: 0.0}"], "positive weight"),
+    (["long_sequence_share=0.5", "long_sequence_max=8"], "long_sequence_max must exceed"),
+    (["init_from=/nonexistent/model"], "holds no model_index.json"),
+])
+def test_a_bad_second_stage_config_is_named(override, expected):
+    with pytest.raises(ValueError, match=expected):
+        load_pretrain_config(None, override)
+
+
+def test_init_from_a_model_of_other_shapes_is_named(tiny_run, tmp_path):
+    cfg = load_pretrain_config(None, [f"init_from={tiny_run}", "steps=1"])  # default widths
+    with pytest.raises(ValueError, match="does not have the shapes this config builds"):
+        pretrain(cfg, tmp_path / "out")
+
+
+def test_tag_weights_and_long_sequences_are_drawn_as_asked():
+    rng = np.random.default_rng(0)
+    tags = [pretraining_metadata(rng, {"position": 3.0, "colors": 1.0})["tag"] for _ in range(400)]
+    assert set(tags) == {"position", "colors"} and 0.65 < tags.count("position") / 400 < 0.85
+    cfg = load_pretrain_config(None, ["long_sequence_share=0.25", "long_sequence_max=256"])
+    gen = torch.Generator().manual_seed(0)
+    lengths = [sequence_length(cfg, gen) for _ in range(400)]
+    long = [n for n in lengths if n != cfg.max_sequence_length]
+    assert 0.15 < len(long) / 400 < 0.35 and min(long) > 8 and max(long) <= 256
+    assert cfg.max_sequence_length == 8 and sequence_length(load_pretrain_config(None), gen) == 8
