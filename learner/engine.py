@@ -122,6 +122,22 @@ def shard_rollout(rollout: Rollout, shard: np.ndarray, device: str) -> Rollout:
     return sub.torch(device)
 
 
+def rollout_span(shard: np.ndarray, sizes: list[int]) -> tuple[int, int, int]:
+    """``(first, last, offset)``: the rollouts ``first..last`` (of ``sizes`` samples each,
+    in order) that hold the sorted sample indices ``shard``, and the index of the first
+    one's first sample. An empty shard takes rollout 0 (its rank runs zero-weighted passes
+    on a sample, in lockstep with the others)."""
+    bounds = np.cumsum([0, *sizes])
+    if len(shard) == 0:
+        return 0, 0, 0
+    if shard[0] < 0 or shard[-1] >= bounds[-1]:
+        raise ValueError(f"samples {shard[0]}..{shard[-1]} are outside the {bounds[-1]} "
+                         "samples the rollouts hold")
+    first = int(np.searchsorted(bounds, shard[0], side="right")) - 1
+    last = int(np.searchsorted(bounds, shard[-1], side="right")) - 1
+    return first, last, int(bounds[first])
+
+
 class LearnerRank:
     """One data-parallel rank: the frozen pipeline, its LoRA, and a DeepSpeed engine.
 
@@ -320,9 +336,14 @@ class LearnerGroup:
         return self.finish_train_step(self.submit_train_step(rollouts, advantages, keep, steps))
 
     def submit_train_step(self, rollouts: ray.ObjectRef | Rollout | list, advantages: np.ndarray,
-                          keep: np.ndarray, steps: list[int]) -> list[ray.ObjectRef]:
+                          keep: np.ndarray, steps: list[int],
+                          sizes: list[int] | None = None) -> list[ray.ObjectRef]:
         """Start :meth:`train_step` on every rank; returns the ranks' result refs, so the
-        caller can do other work (keep the reward pools busy) until they are ready."""
+        caller can do other work (keep the reward pools busy) until they are ready.
+
+        ``sizes``: the samples in each rollout. With them each rank is sent only the
+        rollouts its shard draws from (on a cluster, only those travel to its node);
+        without, every rank gets every rollout."""
         refs = [self._as_ref(r) for r in (rollouts if isinstance(rollouts, list) else [rollouts])]
         kept = np.flatnonzero(np.asarray(keep))
         if len(kept) == 0:
@@ -330,8 +351,15 @@ class LearnerGroup:
         shards = np.array_split(kept, len(self.ranks))  # sizes differ by at most one
         count = max(1, math.ceil(len(shards[0]) / self.grpo.micro_batch))
         advantages = np.asarray(advantages, dtype=np.float32)
-        return [rank.train_step.remote(advantages, shard, list(steps), len(kept), count, *refs)
-                for rank, shard in zip(self.ranks, shards, strict=True)]
+        calls = []
+        for rank, shard in zip(self.ranks, shards, strict=True):
+            first, last, offset = (rollout_span(shard, sizes) if sizes is not None
+                                   else (0, len(refs) - 1, 0))
+            end = offset + (sum(sizes[first:last + 1]) if sizes is not None else len(advantages))
+            calls.append(rank.train_step.remote(
+                advantages[offset:end], shard - offset, list(steps), len(kept), count,
+                *refs[first:last + 1]))
+        return calls
 
     def finish_train_step(self, refs: list[ray.ObjectRef]) -> dict[str, float]:
         """The merged metrics of a submitted step (waits for it)."""

@@ -431,7 +431,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
                     # the clipped objective keeps them near the sampling policy)
                     for _ in range(cfg.grpo.inner_epochs):
                         pending_update = service.learner.submit_train_step(
-                            work.refs, adv.values.numpy(), adv.keep.numpy(), steps_trained)
+                            work.refs, adv.values.numpy(), adv.keep.numpy(), steps_trained,
+                            sizes=work.sizes())
                         service.wait_update(pending_update, inflight)  # scoring goes on
                         metrics = service.learner.finish_train_step(pending_update)
                         check_finite_update(step, metrics, run_dir)

@@ -62,6 +62,11 @@ class StepWork:
     started: float = field(default_factory=time.perf_counter)
     scored: bool = True  # False: no reward scores this work (an evaluation without rewards)
 
+    def sizes(self) -> list[int]:
+        """The samples of each rollout call, in order (from the scores, all arrived)."""
+        first = next(iter(self.scores))  # every reward scores the same samples, in order
+        return [len(self.scores[first][call].sample_keys) for call in range(len(self.refs))]
+
 
 class Service:
     """The actors of one run and the calls that move data between them."""

@@ -177,14 +177,24 @@ def test_one_and_two_deepspeed_ranks_train_the_same_weights(setup, ray_cluster):
         "zero0x1": LearnerGroup(1, zero_stage=0, **kwargs),
         "zero2x2": LearnerGroup(2, zero_stage=2, **kwargs),
     }
+    # The two ranks get the rollout as three calls of 2 samples, each rank only the calls
+    # its shard (samples 0-2, 3-4) draws from; the weights must come out the same.
+    parts = [ray.put(rollout.select(slice(i, i + 2)).numpy()) for i in (0, 2, 4)]
+
+    def step(name, group):
+        if name == "zero2x2":
+            return group.finish_train_step(
+                group.submit_train_step(parts, advantages, KEEP, steps, sizes=[2, 2, 2]))
+        return group.train_step(ref, advantages, KEEP, steps)
+
     weights, checkpoints = {}, {}
     for name, group in groups.items():
-        first = group.train_step(ref, advantages, KEEP, steps)
+        first = step(name, group)
         # On-policy: nothing has changed since sampling, so every first-step ratio is 1.
         assert first["loss/first_ratio_max_dev"] < 1e-5, name
         assert first["loss/samples"] == KEEP.sum() and first["loss/grad_norm"] > 0
         checkpoints[name] = group.state_dict()
-        second = group.train_step(ref, advantages, KEEP, steps)
+        second = step(name, group)
         assert np.isfinite(second["loss/total"]) and second["loss/ratio_max"] > 1.0
         flat = ray.get(group.publish(2))
         assert flat.version == 2
@@ -216,6 +226,18 @@ def test_one_and_two_deepspeed_ranks_train_the_same_weights(setup, ray_cluster):
         group.shutdown()
     # Checkpoints travel as bytes: the driver never loads deepspeed.
     assert driver_had_deepspeed or "deepspeed" not in sys.modules
+
+
+def test_each_rank_is_sent_only_the_rollouts_its_shard_draws_from():
+    from learner.engine import rollout_span
+
+    sizes = [4, 4, 2, 6]  # samples 0-3, 4-7, 8-9, 10-15
+    assert rollout_span(np.array([0, 1, 3]), sizes) == (0, 0, 0)
+    assert rollout_span(np.array([3, 4, 9]), sizes) == (0, 2, 0)
+    assert rollout_span(np.array([8, 9, 10, 15]), sizes) == (2, 3, 8)
+    assert rollout_span(np.array([], dtype=np.int64), sizes) == (0, 0, 0)
+    with pytest.raises(ValueError, match="outside the 16 samples"):
+        rollout_span(np.array([15, 16]), sizes)
 
 
 def test_learner_ranks_are_placed_as_one_gang_or_not_at_all(ray_cluster):
