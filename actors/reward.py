@@ -25,12 +25,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from actors.rollout import PolicyReplica
+from actors.rollout import PolicyReplica, resolve_table
 from policy.pipeline import LoraSpec, adapter_disabled, build_vae
+from policy.prompt_table import PromptTable, text_source
 from policy.sampler import (
     Rollout,
     decode_latents,
-    encode_prompts,
 )
 from policy.weights import FlatWeights
 from rewards.self_confidence import Aggregation, score_rollout, score_steps
@@ -82,26 +82,31 @@ class SelfConfidenceWorker:
         scoring_policy: Literal["current", "base"] = "current",
         credit_steps: Sequence[int] | None = None,
         micro_batch: int | None = None,
+        prompt_table: PromptTable | None = None,
     ) -> None:
-        self.policy = PolicyReplica(model_path, dtype, device, num_threads, lora)
+        prompt_table = resolve_table(prompt_table)  # (a ref, from the pool's factory)
+        self.policy = PolicyReplica(model_path, dtype, device, num_threads, lora,
+                                    text_encoders=prompt_table is None)
+        self.text = text_source(self.policy.pipe, max_sequence_length, prompt_table)
         self.max_sequence_length = max_sequence_length
         self.run_seed = run_seed
         self.num_probes, self.probe_fraction = num_probes, probe_fraction
         self.delta, self.aggregation = delta, aggregation
         # Ablations of SOLACE's choices: CFG in the scoring velocity, the frozen base model.
         self.guidance_scale, self.scoring_policy = guidance_scale, scoring_policy
-        self.negative = (encode_prompts(self.policy.pipe, [""], max_sequence_length)
-                         if guidance_scale != 1.0 else None)
+        self.negative = self.text.encode([""], device) if guidance_scale != 1.0 else None
         # Per-step credit (grpo.credit per_step): also score the predicted clean latent at
         # each trained step, with the sampler's CFG velocity (its empty-prompt negative).
         self.micro_batch = micro_batch  # probe latents per forward (None: all at once)
         self.credit_steps = list(credit_steps) if credit_steps else None
-        self.sampling_negative = (encode_prompts(self.policy.pipe, [""], max_sequence_length)
-                                  if self.credit_steps else None)
+        self.sampling_negative = self.text.encode([""], device) if self.credit_steps else None
 
     @property
     def version(self) -> int | None:
         return self.policy.version
+
+    def resident(self) -> list[str]:
+        return self.policy.resident()
 
     @torch.no_grad()
     def score(self, rollout: Rollout, weights: FlatWeights) -> Scores:
@@ -119,7 +124,7 @@ class SelfConfidenceWorker:
             )
         version = self.policy.load(weights)
         r = rollout.torch(self.policy.device)
-        cond = encode_prompts(self.policy.pipe, r.prompts, self.max_sequence_length)
+        cond = self.text.encode(r.prompts, self.policy.device)
         transformer = self.policy.pipe.transformer
         offline = adapter_disabled(transformer) if self.scoring_policy == "base" else nullcontext()
         with offline:

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 
 from policy.pipeline import LoraSpec, add_lora, build_pipeline, load_lora_state_dict
+from policy.prompt_table import PromptTable, text_source
 from policy.sampler import (
     Rollout,
     SamplerSpec,
     decode_images,
-    encode_prompts,
     eval_seed,
     sample_rollout,
     sample_seed,
@@ -38,10 +38,10 @@ class PolicyReplica:
     """
 
     def __init__(self, model_path: str, dtype: str, device: str, num_threads: int,
-                 lora: LoraSpec) -> None:
+                 lora: LoraSpec, text_encoders: bool = True) -> None:
         # num_threads > 0 sets torch's CPU threads: inside a Ray actor torch would
         # otherwise use the actor's num_cpus (docs/design.md section 6).
-        self.pipe = build_pipeline(model_path, dtype, device, num_threads)
+        self.pipe = build_pipeline(model_path, dtype, device, num_threads, text_encoders)
         add_lora(self.pipe.transformer, lora)
         self.device = device
         self.version: int | None = None  # none loaded yet: refuse to serve
@@ -61,6 +61,20 @@ class PolicyReplica:
             )
         return self.version
 
+    def resident(self) -> list[str]:
+        """The pipeline components this replica holds (for checks and operators)."""
+        return sorted(name for name, value in self.pipe.components.items() if value is not None)
+
+
+def resolve_table(table):
+    """A prompt table passed by reference inside a factory (Ray resolves only top-level
+    arguments) is fetched here; a table or None passes through."""
+    if table is None or isinstance(table, PromptTable):
+        return table
+    import ray
+
+    return ray.get(table)
+
 
 class RolloutWorker:
     """Samples ``group_size`` SDE trajectories per prompt with the loaded weight version."""
@@ -77,15 +91,23 @@ class RolloutWorker:
         run_seed: int,
         eval_sampler: SamplerSpec | None = None,
         micro_batch: int | None = None,
+        prompt_table: PromptTable | None = None,
     ) -> None:
-        self.policy = PolicyReplica(model_path, dtype, device, num_threads, lora)
+        # With a prompt table the text encoders stay unloaded: prompts are looked up.
+        prompt_table = resolve_table(prompt_table)
+        self.policy = PolicyReplica(model_path, dtype, device, num_threads, lora,
+                                    text_encoders=prompt_table is None)
+        self.text = text_source(self.policy.pipe, max_sequence_length, prompt_table)
         self.micro_batch = micro_batch  # trajectories denoised at once (None: a whole call)
         self.spec = sampler
         self.eval_spec = eval_sampler
         self.max_sequence_length = max_sequence_length
         self.run_seed = run_seed
         # The CFG negative (the empty prompt) is the same for every call.
-        self.negative = encode_prompts(self.policy.pipe, [""], max_sequence_length)
+        self.negative = self.text.encode([""], device)
+
+    def resident(self) -> list[str]:
+        return self.policy.resident()
 
     def set_weights(self, flat: FlatWeights) -> int:
         """Load weight version ``flat.version`` (skipped if loaded); returns the loaded version."""
@@ -113,7 +135,7 @@ class RolloutWorker:
         ids = torch.tensor([index for index, _ in groups for _ in range(group_size)])
         seeds = torch.tensor([sample_seed(self.run_seed, step, index, i)
                               for index, _ in groups for i in range(group_size)])
-        cond = encode_prompts(self.policy.pipe, prompts, self.max_sequence_length)
+        cond = self.text.encode(prompts, self.policy.device)
         # Chunks of at most micro_batch trajectories: each sample's noise is its own seed's,
         # so the chunking changes how many are denoised at once, not what is sampled.
         size = self.micro_batch or len(prompts)
@@ -162,6 +184,7 @@ class RolloutWorker:
         for start in range(0, len(jobs), batch):
             prompts = [prompt for _, prompt, _ in jobs[start:start + batch]]
             out = sample_rollout(pipe, prompts, seeds[start:start + batch], self.eval_spec,
+                                 cond=self.text.encode(prompts, self.policy.device),
                                  negative=self.negative,
                                  max_sequence_length=self.max_sequence_length)
             finals.append(out.final)

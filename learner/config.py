@@ -43,6 +43,15 @@ class ModelConfig(_Section):
         8, ge=1, description="T5 token slots of the joint text sequence (zeros when no T5 encoder)"
     )
     num_threads: int = Field(0, ge=0, description="torch CPU threads; 0 keeps torch's default")
+    prompt_table: bool = Field(
+        False, description="encode every training and evaluation prompt once, in a short-lived "
+        "actor before the run, and give the rollout, reward and learner actors the table "
+        "through the object store: they then load no text encoder (SD3's three are ~10 GB "
+        "in bf16; learner.sequential keeps its own). The table holds prompts x (77 + "
+        "max_sequence_length) x joint width floats")
+    prompt_table_max_gib: float = Field(
+        8.0, gt=0, description="largest prompt table to build (in fp32); a larger one is "
+        "refused before any other actor starts")
 
 
 class LoraConfig(_Section):

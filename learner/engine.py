@@ -69,7 +69,8 @@ from policy.pipeline import (
     load_lora_state_dict,
     lora_state_dict,
 )
-from policy.sampler import Rollout, encode_prompts
+from policy.prompt_table import PromptTable, text_source
+from policy.sampler import Rollout
 from policy.weights import FlatWeights, flatten_weights
 
 if TYPE_CHECKING:
@@ -148,18 +149,20 @@ class LearnerRank:
     def __init__(self, rank: int, world_size: int, *, lora: LoraSpec, grpo: GrpoConfig,
                  model_path: str = "tiny-random", dtype: str = "float32", device: str = "cpu",
                  num_threads: int = 1, zero_stage: int = 2, max_sequence_length: int = 8,
-                 gradient_checkpointing: bool = False):
+                 gradient_checkpointing: bool = False, prompt_table: PromptTable | None = None):
         self.rank, self.world_size, self.device = rank, world_size, device
         self.grpo, self.zero_stage, self.dtype = grpo, zero_stage, dtype
         self.max_sequence_length = max_sequence_length
         self.config = deepspeed_config(grpo, zero_stage, world_size, dtype)  # fail before building
         torch.set_num_threads(max(1, num_threads))  # inside an actor torch defaults to num_cpus
-        self.pipe = build_pipeline(model_path, dtype, device, num_threads)
+        self.pipe = build_pipeline(model_path, dtype, device, num_threads,
+                                   text_encoders=prompt_table is None)
+        self.text = text_source(self.pipe, max_sequence_length, prompt_table)
         names = set(add_lora(self.pipe.transformer, lora))  # same init on every rank
         if gradient_checkpointing:  # activations recomputed in the backward (less memory)
             self.pipe.transformer.enable_gradient_checkpointing()
         self.params = [p for n, p in self.pipe.transformer.named_parameters() if n in names]
-        self.negative = encode_prompts(self.pipe, [""], max_sequence_length)  # CFG's empty prompt
+        self.negative = self.text.encode([""], device)  # CFG's empty prompt
         self.engine = None
         self.step = 0  # optimizer steps taken
 
@@ -203,7 +206,7 @@ class LearnerRank:
         # An empty shard still runs (zero-weighted) passes on sample 0, in lockstep.
         rows = shard if len(shard) else np.zeros(1, dtype=np.int64)
         sub = shard_rollout(rollout, rows, self.device)
-        cond = encode_prompts(self.pipe, sub.prompts, self.max_sequence_length)
+        cond = self.text.encode(sub.prompts, self.device)
         adv = torch.as_tensor(np.asarray(advantages, np.float32)[rows], device=self.device)  # [n]
         index = torch.arange(len(shard))  # [n] rows of the sub-rollout trained here
         terms, calls = count * len(steps), 0
@@ -237,6 +240,10 @@ class LearnerRank:
     def weights(self, version: int) -> FlatWeights:
         """The LoRA weights as one flat versioned buffer (full on every rank for ZeRO <= 2)."""
         return flatten_weights(lora_state_dict(self.pipe.transformer), version)
+
+    def resident(self) -> list[str]:
+        """The pipeline components this rank holds."""
+        return sorted(name for name, value in self.pipe.components.items() if value is not None)
 
     def state_dict(self) -> dict[str, Any]:
         """Checkpoint of this rank: LoRA weights, the step count, and its optimizer state
@@ -278,7 +285,8 @@ class LearnerGroup:
                  model_path: str = "tiny-random", dtype: str = "float32", device: str = "cpu",
                  num_threads: int = 1, num_cpus: float = 1, zero_stage: int = 2,
                  max_sequence_length: int = 8, require_resource: bool = False,
-                 gradient_checkpointing: bool = False, placement_timeout_s: float = 600.0):
+                 gradient_checkpointing: bool = False, placement_timeout_s: float = 600.0,
+                 prompt_table=None):
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -318,7 +326,7 @@ class LearnerGroup:
                          r, num_ranks, model_path=model_path, dtype=dtype, device=device,
                          num_threads=num_threads, lora=lora, grpo=grpo, zero_stage=zero_stage,
                          max_sequence_length=max_sequence_length,
-                         gradient_checkpointing=gradient_checkpointing)
+                         gradient_checkpointing=gradient_checkpointing, prompt_table=prompt_table)
             for r in range(num_ranks)
         ]
         # Rank 0 hosts the rendezvous: its node's address and a port free there.

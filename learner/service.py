@@ -8,6 +8,7 @@ them for scoring as they finish, and collects the scores. The driver loop
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -20,9 +21,12 @@ import ray
 from actors.pool import RewardError, RewardPool
 from actors.reward import ExternalRewardWorker, Scores, SelfConfidenceWorker
 from actors.rollout import RolloutWorker
+from actors.text import PromptEncoder
 from learner.config import HTTP_SCORER, SC, Config
 from learner.engine import LearnerGroup, PlacementTimeout
 from policy.logprob import window_steps
+
+logger = logging.getLogger(__name__)
 
 
 class RewardFailure(RuntimeError):
@@ -68,6 +72,22 @@ class StepWork:
         return [len(self.scores[first][call].sample_keys) for call in range(len(self.refs))]
 
 
+def build_prompt_table(cfg: Config, rows: list[dict]) -> ray.ObjectRef:
+    """The run's prompt table, built by a :class:`actors.text.PromptEncoder` placed as a
+    rollout actor would be, and put in the object store; the encoder is gone after."""
+    m = cfg.model
+    encoder = ray.remote(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus)(
+        PromptEncoder).remote(m.path, m.dtype, m.device, cfg.rollout.num_threads)
+    try:
+        table = ray.get(encoder.build.remote([r["prompt"] for r in rows],
+                                             m.max_sequence_length, m.prompt_table_max_gib))
+    finally:
+        ray.kill(encoder)
+    logger.info("prompt table: %d prompts, %.1f MiB; actors load no text encoder",
+                len(table), table.nbytes / 2**20)
+    return ray.put(table)
+
+
 class Service:
     """The actors of one run and the calls that move data between them."""
 
@@ -81,13 +101,15 @@ class Service:
         # A rollout actor that dies is restarted, and Ray sends its lost call again: every
         # call carries its seeds and its weights, so the retry samples the same rollout.
         restarts = cfg.rollout.max_restarts
+        table = build_prompt_table(cfg, rows + eval_rows) if m.prompt_table else None
+        self.prompt_table = table  # ObjectRef[PromptTable] or None; the driver keeps it alive
         actor = ray.remote(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus,
                            resources=rollout_res, max_restarts=restarts,
                            max_task_retries=restarts)(RolloutWorker)
         self.rollout_actors = [
             actor.remote(m.path, m.dtype, m.device, cfg.rollout.num_threads, lora,
                          cfg.sampler.spec(), m.max_sequence_length, cfg.seed,
-                         cfg.sampler.spec(eval=True), cfg.rollout.micro_batch)
+                         cfg.sampler.spec(eval=True), cfg.rollout.micro_batch, table)
             for _ in range(cfg.rollout.num_actors)
         ]
         sc, rp = cfg.self_confidence, cfg.reward_pool
@@ -98,7 +120,7 @@ class Service:
                         m.max_sequence_length, cfg.seed, sc.num_probes, sc.probe_fraction,
                         sc.delta, sc.aggregation, sc.guidance_scale, sc.policy,
                         window_steps(cfg.sampler.spec(), cfg.grpo.train_fraction)
-                        if cfg.grpo.credit == "per_step" else None, sc.micro_batch),
+                        if cfg.grpo.credit == "per_step" else None, sc.micro_batch, table),
                 rp.num_actors, timeout_s=rp.timeout_s, max_retries=rp.max_retries,
                 max_restarts=rp.max_restarts, ready_timeout_s=rp.ready_timeout_s,
                 num_cpus=rp.num_cpus, num_gpus=rp.num_gpus,
@@ -129,7 +151,7 @@ class Service:
                 max_sequence_length=m.max_sequence_length,
                 require_resource=cfg.learner.require_resource,
                 gradient_checkpointing=cfg.learner.gradient_checkpointing,
-                placement_timeout_s=cfg.learner.placement_timeout_s,
+                placement_timeout_s=cfg.learner.placement_timeout_s, prompt_table=table,
             )
         except PlacementTimeout:  # nothing to run with: the started actors go too
             for pool in self.pools.values():

@@ -29,17 +29,27 @@ def load_pipeline(
     *,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    text_encoders: bool = True,
+    denoiser: bool = True,
 ) -> StableDiffusion3Pipeline:
     """Load an SD3 pipeline from a hub id or a local diffusers directory, frozen.
 
     Components saved as null in `model_index.json` (the tiny model has no T5) are
     passed as None explicitly: diffusers refuses a null non-optional component
-    otherwise.
+    otherwise. ``text_encoders=False`` loads neither text encoders nor tokenizers (an
+    actor that looks its prompts up in a ``policy.prompt_table.PromptTable``);
+    ``denoiser=False`` loads no VAE, and no transformer unless the pipeline lacks a T5
+    (diffusers then sizes the T5 slot's zeros from the transformer's config): what
+    builds such a table.
     """
     if looks_local(name_or_path):
         _check_pipeline_dir(Path(name_or_path))
     config = StableDiffusion3Pipeline.load_config(name_or_path)
     absent = {name: None for name, value in config.items() if value == [None, None]}
+    if not text_encoders:
+        absent |= {name: None for name in TEXT_COMPONENTS}
+    if not denoiser:
+        absent |= {name: None for name in denoiser_components("text_encoder_3" in absent)}
     # Precision: every component follows `dtype`, the VAE included, because the stock
     # pipeline hands latents to `vae.decode` without a cast. A caller that decodes
     # itself may keep the VAE in fp32 (`pipe.vae.to(torch.float32)`); it is run once
@@ -54,18 +64,30 @@ def load_pipeline(
     return pipe
 
 
+TEXT_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                   "text_encoder_3", "tokenizer_3")
+
+
+def denoiser_components(without_t5: bool) -> tuple[str, ...]:
+    """What ``denoiser=False`` leaves out (see ``load_pipeline``)."""
+    return ("vae",) if without_t5 else ("transformer", "vae")
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TINY_RANDOM = "tiny-random"
 
 
 def build_pipeline(
-    path: str, dtype: str = "float32", device: str = "cpu", num_threads: int = 0
+    path: str, dtype: str = "float32", device: str = "cpu", num_threads: int = 0,
+    text_encoders: bool = True, denoiser: bool = True,
 ) -> StableDiffusion3Pipeline:
     """The frozen pipeline named by a config: a diffusers dir or hub id, or ``tiny-random``.
 
     ``tiny-random`` builds the offline tiny random-weight pipeline of ``policy.tiny``
     (seed 0: the model's identity does not depend on the run seed). ``num_threads > 0``
     sets torch's CPU threads, which inside a Ray actor default to the actor's num_cpus.
+    ``text_encoders=False``: without text encoders and tokenizers; ``denoiser=False``:
+    without VAE and (given a T5) transformer (see ``load_pipeline``).
     """
     if num_threads:
         torch.set_num_threads(num_threads)
@@ -76,8 +98,12 @@ def build_pipeline(
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if path != TINY_RANDOM:
-        return load_pipeline(path, dtype=DTYPES[dtype], device=device)
+        return load_pipeline(path, dtype=DTYPES[dtype], device=device,
+                             text_encoders=text_encoders, denoiser=denoiser)
     pipe = build_tiny_pipeline(seed=0)
+    dropped = (TEXT_COMPONENTS if not text_encoders else ()) + (
+        denoiser_components(pipe.text_encoder_3 is None) if not denoiser else ())
+    pipe.register_modules(**{name: None for name in dropped})
     if (device, dtype) != ("cpu", "float32"):  # it is built on the CPU in fp32
         pipe.to(device, DTYPES[dtype])
     for module in _modules(pipe):

@@ -221,14 +221,16 @@ def sample_noise(seeds: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_prompts(pipe, prompts: Sequence[str], max_sequence_length: int = 256) -> Conditioning:
-    """Encode prompts with the pipeline's frozen text encoders (no CFG duplication)."""
+    """Encode prompts with the pipeline's frozen text encoders (no CFG duplication), on
+    the transformer's device (the text encoder's in a pipeline without a transformer)."""
+    device = (pipe.transformer if pipe.transformer is not None else pipe.text_encoder).device
     embeds, _, pooled, _ = pipe.encode_prompt(
         prompt=list(prompts),
         prompt_2=None,
         prompt_3=None,
         do_classifier_free_guidance=False,
         max_sequence_length=max_sequence_length,
-        device=pipe.transformer.device,
+        device=device,
     )
     return Conditioning(embeds, pooled)
 

@@ -270,3 +270,31 @@ def test_an_external_reward_actor_holds_the_vae_alone_and_decodes_as_the_pipelin
                                          prompts=["a", "b"]))
         images = worker.scorer.calls[-1][0]
         assert np.array_equal(images, decode_images(pipe, latents))
+
+
+def test_with_a_prompt_table_workers_hold_no_text_encoder_and_give_the_same_results(
+        roller, weights, rollouts, scorers):
+    """model.prompt_table: the conditioning comes from a table built once by the
+    PromptEncoder (no transformer, no VAE), and the workers load no text encoder."""
+    from actors.text import PromptEncoder
+
+    encoder = PromptEncoder("tiny-random", "float32", "cpu", 1)
+    assert encoder.pipe.vae is None  # (tiny-random has no T5: its transformer stays)
+    table = encoder.build([p for _, p in GROUPS], MAX_SEQ, max_gib=1.0)
+    assert table.prompts == ("", *(p for _, p in GROUPS))
+    roller_t = RolloutWorker(sampler=SPEC, prompt_table=table, **policy_args())
+    scorer_t = SelfConfidenceWorker(num_probes=4, prompt_table=table, **policy_args())
+    for worker in (roller_t, scorer_t):
+        held = worker.resident()
+        assert "transformer" in held and not any(n.startswith(("text_encoder", "tokenizer"))
+                                                 for n in held), held
+    assert any(n.startswith("text_encoder") for n in roller.resident())
+    r = roller_t.sample(GROUPS, step=2, group_size=G, weights=weights[0])
+    np.testing.assert_allclose(r.latents, rollouts["v0"].latents, atol=1e-5)
+    np.testing.assert_allclose(r.log_probs, rollouts["v0"].log_probs, atol=1e-4)
+    np.testing.assert_allclose(scorer_t.score(rollouts["v0"], weights[0]).reward,
+                               scorers[0].score(rollouts["v0"], weights[0]).reward, atol=1e-4)
+    with pytest.raises(KeyError, match="not in the prompt table of 3 prompts"):
+        roller_t.sample([(9, "a photo of a star")], step=0, group_size=1)
+    with pytest.raises(ValueError, match="prompt_table_max_gib"):
+        encoder.build([f"a photo of {i} circles" for i in range(50)], MAX_SEQ, max_gib=1e-6)
