@@ -240,6 +240,32 @@ def test_held_out_evaluation_runs_before_between_and_after_and_pairs_with_the_ba
     assert any(line.strip().startswith("self_confidence") for line in lines)
 
 
+def test_a_run_on_the_t5_model_with_a_prompt_table_conditions_as_its_t5_would(local_ray, tmp_path):
+    """The shipped T5 model through the service with model.prompt_table: the actors load
+    no text encoder, and the conditioning they look up is what its T5 gives at
+    model.max_sequence_length (the held-out images equal shapes.eval_model's, which
+    encodes with the resident encoders at the same length)."""
+    t5_model = "models/tiny-shapes-sd3-t5"
+    cfg = load_config(REPO / "configs/tiny_solace.yaml", SMALL + [
+        "train.steps=1", "learner.max_staleness=0", "eval.every=1", "eval.prompts_per_tag=1",
+        "eval.per_prompt=1", "eval.seed=5", "sampler.eval_num_steps=6",
+        f"model.path={t5_model}", "model.max_sequence_length=16", "model.prompt_table=true",
+        "reward_pool.control_name=test-pool-t5"])
+    run_dir = train(cfg, tmp_path / "t5")
+    samples = _lines(run_dir / "samples.jsonl")
+    assert len(samples) == 8 and all(np.isfinite(r["reward/self_confidence"]) for r in samples)
+    evals = evaluation.read_evals(run_dir)
+    rows = evaluation.eval_rows(load_prompts(cfg.eval.prompts), 1)
+    pipe = build_pipeline(t5_model)
+    same = eval_model.evaluate(pipe, rows, 1, 6, 4.5, seed=5, max_sequence_length=16)
+    assert [r["shapes/partial"] for r in evals[0]] == pytest.approx(
+        same.scores.partial.tolist(), abs=1e-6)
+    # and the length matters: the T5 sees its pads (SD3 passes no attention mask)
+    spec = SamplerSpec(num_steps=6, guidance_scale=4.5, noise_level=0.0)
+    other = eval_model.generate(pipe, rows, 1, spec, 5, max_sequence_length=32)[0]
+    assert not np.allclose(other, same.images, atol=1e-3)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
