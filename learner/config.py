@@ -175,6 +175,11 @@ class GrpoConfig(_Section):
         False, description="random-reward control: train on rewards permuted within each group "
         "(samples.jsonl keeps the true rewards), to show what drift alone does"
     )
+    frozen: bool = Field(
+        False, description="a control that never moves: sample and score every step as the "
+        "recipe would, take no optimizer step and evaluate only the base (version 0); "
+        "studies.curve's frozen control, at the cost of sampling and scoring alone"
+    )
     lr: float = Field(3e-4, gt=0.0, description="AdamW learning rate")
     weight_decay: float = Field(1e-4, ge=0.0, description="AdamW weight decay")
     max_grad_norm: float = Field(1.0, gt=0.0, description="gradient norm clip")
@@ -438,9 +443,16 @@ class TrainConfig(_Section):
         "shapes/data/train.jsonl", description="prompt file: .txt (one prompt a line) or .jsonl "
         "(rows with a 'prompt' string, GenEval metadata validated)"
     )
-    prompt_mix: Literal["file", "balanced"] = Field(
+    prompt_mix: Literal["file", "balanced", "spread"] = Field(
         "file", description="'file': prompts drawn as often as the file holds them; "
-        "'balanced': one prompt of each tag in turn (rows' 'tag' field)"
+        "'balanced': one prompt of each tag in turn (rows' 'tag' field); 'spread': tags in "
+        "turn as 'balanced', within a tag each prompt drawn in proportion to the mean "
+        "within-group std of its advantages so far plus spread_floor (groups whose rewards "
+        "are all equal carry no gradient)"
+    )
+    spread_floor: float = Field(
+        0.1, gt=0.0, description="prompt_mix 'spread': added to every prompt's spread, so "
+        "that a prompt whose groups scored alike is still drawn now and then"
     )
     tags: list[str] | None = Field(
         None, min_length=1, description="train only on the prompt file's rows with these tags "

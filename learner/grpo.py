@@ -168,6 +168,15 @@ def shuffle_within_groups(
     return {name: r[order] for name, r in rewards.items()}
 
 
+def group_spreads(values: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """The std of each group's advantages, ``[groups]`` in order of ``group_ids``' values
+    (per-step advantages ``[N, S]``: of each sample's mean over steps). A dropped group,
+    whose rewards were all equal, has 0: it carried no gradient."""
+    rows = values.double().mean(dim=1) if values.ndim == 2 else values.double()  # [N]
+    return torch.stack([rows[group_ids == g].std(unbiased=False)
+                        for g in torch.unique(group_ids)])
+
+
 def policy_loss(
     log_prob: torch.Tensor,
     old_log_prob: torch.Tensor,

@@ -54,6 +54,7 @@ from learner.engine import PlacementTimeout
 from learner.grpo import (
     advantage_metrics,
     combine_advantages,
+    group_spreads,
     shuffle_within_groups,
     step_advantages,
 )
@@ -258,10 +259,13 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
         service = Service(cfg, rows, eval_set)
     except (RewardError, PlacementTimeout) as e:  # actors that could not start or be placed
         raise RunFailed(f"{e}; the run did not start (no step was taken)") from e
-    cursor, start = PromptCursor(rows, cfg.seed, mix=cfg.train.prompt_mix), 0
+    cursor = PromptCursor(rows, cfg.seed, mix=cfg.train.prompt_mix,
+                          lag=cfg.learner.max_staleness, floor=cfg.train.spread_floor)
+    start = 0
     if saved is not None:
         service.learner.load_state_dict(saved["learner"])
-        start, cursor.position = saved["step"], saved["cursor"]
+        start = saved["step"]
+        cursor.load_state_dict(saved["cursor"])
         for v, flat in saved.get("stale_weights", {}).items():
             service.restore_weights(v, flat)
         print(f"resuming {run_dir} at step {start} from {ckpt.name}", flush=True)
@@ -299,7 +303,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
 
     def launch(step: int, with_version: int) -> None:
         launched_at[step] = cursor.position
-        picked = cursor.take(cfg.grpo.prompts_per_step)
+        picked = cursor.take(cfg.grpo.prompts_per_step, step)
         inflight[step] = service.launch(step, with_version, picked)
 
     def write_metrics() -> None:
@@ -318,7 +322,9 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
         versions = [v for v in service.weights if v < done]
         stale = dict(zip(versions, ray.get([service.weights[v] for v in versions],
                                            timeout=cfg.rollout.timeout_s), strict=True))
-        path = save_checkpoint(run_dir, service, launched_at.get(done, cursor.position), done,
+        position = {"position": launched_at.get(done, cursor.position),
+                    "spreads": {s: v for s, v in cursor.spreads.items() if s < done}}
+        path = save_checkpoint(run_dir, service, position, done,
                                logs=log_sizes(run_dir), stale=stale, ema=ema)
         plot_training(run_dir)  # training.png, refreshed at every checkpoint
         return path
@@ -421,10 +427,13 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
                     adv = combine_advantages(trained_on, weights, group_ids, cfg.grpo.combine,
                         cfg.grpo.std_mode, cfg.grpo.adv_clip, cfg.grpo.adv_eps)
                 check_finite_advantages(step, adv.values.numpy(), rewards)
+                # the groups' spread, for prompt_mix spread's later draws
+                cursor.observe(step, zip([i for call in work.groups for i, _ in call],
+                                         group_spreads(adv.values, group_ids).tolist(), strict=True))
                 # advantages -> update (DeepSpeed ranks take the rollouts by reference)
                 staleness = version - work.version
                 metrics = {}
-                if adv.keep.any():
+                if adv.keep.any() and not cfg.grpo.frozen:
                     updating = True  # from here to the new version, no checkpoint is whole
                     compute_s, first = 0.0, None
                     # grpo.inner_epochs optimizer steps on the step's samples (PPO's epochs;
@@ -475,7 +484,9 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
                 })
                 pending, steps_done = metrics, step + 1
                 # evaluate held-out prompts with fixed noise (every eval.every steps)
-                if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or last) and not stop():
+                # (a frozen control's later versions hold the base weights: nothing to see)
+                if (cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or last) and not stop()
+                        and not cfg.grpo.frozen):
                     metrics.update(evaluate(version, step + 1))
                 write_metrics()
                 shown = {"reward": f"{metrics[f'reward/{main_reward}/mean']:+.4f}"}

@@ -181,47 +181,94 @@ def select_tags(rows: list[dict], tags: list[str] | None, path: str | Path = "",
 
 
 class PromptCursor:
-    """Walks a prompt list in seeded order; its whole state is one int, ``position``.
+    """Walks a prompt list in seeded order.
 
-    ``take(n)`` returns ``(index, row)`` pairs; the index is the row's position in the
-    file, which is what seeds and group ids are derived from.
+    ``take(n, step)`` returns ``(index, row)`` pairs; the index is the row's position in
+    the file, which is what seeds and group ids are derived from.
 
     ``mix="file"``: a fresh seeded permutation of the file per epoch, so each tag comes
     as often as the file holds it. ``mix="balanced"``: rounds of one prompt of each tag
     (``row["tag"]``, in a seeded order per round), each tag walking its own prompts in
     a seeded permutation per pass, so every tag is trained as often whatever the file's
-    mix (the shapes train split is 81 % color_attr).
+    mix (the shapes train split is 81 % color_attr). ``mix="spread"``: the balanced
+    rounds of tags, but within a tag each prompt drawn with probability proportional to
+    its reward spread (``observe``: the mean within-group advantage std of its groups so
+    far, plus ``floor``; a prompt not yet drawn counts as the tag's largest, at least 1,
+    the std of a group with spread), so that
+    groups whose samples all score alike, which carry no gradient, are drawn less.
+
+    State: ``position`` (draws so far) and, for ``spread``, the observations by step.
+    A draw for step ``s`` uses only the observations of steps before ``s - lag`` (with
+    ``lag = learner.max_staleness``, exactly the steps whose rewards are in when step
+    ``s`` is launched), so the draws do not depend on timing and a resumed run repeats
+    them.
     """
 
+    MIXES = ("file", "balanced", "spread")
+
     def __init__(self, rows: list[dict], seed: int, position: int = 0,
-                 mix: str = "file") -> None:
-        if mix not in ("file", "balanced"):
-            raise ValueError(f"prompt mix must be 'file' or 'balanced', got {mix!r}")
+                 mix: str = "file", lag: int = 0, floor: float = 0.1) -> None:
+        if mix not in self.MIXES:
+            raise ValueError(f"prompt mix must be one of {self.MIXES}, got {mix!r}")
         self.rows, self.seed, self.position, self.mix = rows, seed, position, mix
+        self.lag, self.floor = lag, floor
+        self.spreads: dict[int, list[tuple[int, float]]] = {}  # step -> [(prompt, spread)]
         by_tag: dict[str, list[int]] = {}
         for i, row in enumerate(rows):
             by_tag.setdefault(str(row.get("tag", "")), []).append(i)
         self.tags = sorted(by_tag)
         self.by_tag = [by_tag[t] for t in self.tags]
 
+    def observe(self, step: int, spreads: list[tuple[int, float]]) -> None:
+        """Record step ``step``'s groups as ``(prompt index, within-group spread)``."""
+        self.spreads[step] = [(int(i), float(v)) for i, v in spreads]
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, "spreads": dict(self.spreads)}
+
+    def load_state_dict(self, state: dict | int) -> None:
+        """A checkpoint's state (an int: the position alone, as older checkpoints hold)."""
+        if isinstance(state, int):
+            state = {"position": state, "spreads": {}}
+        self.position = state["position"]
+        self.spreads = {int(k): list(v) for k, v in state["spreads"].items()}
+
     def _order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
 
-    def _index(self, position: int) -> int:
+    def _index(self, position: int, step: int) -> int:
         if self.mix == "file":
             epoch, offset = divmod(position, len(self.rows))
             return int(self._order(epoch)[offset])
         rnd, slot = divmod(position, len(self.tags))
         tag = int(np.random.default_rng([self.seed, 1, rnd]).permutation(len(self.tags))[slot])
         prompts = self.by_tag[tag]
+        if self.mix == "spread":
+            weights = self._weights(prompts, step)
+            pick = np.random.default_rng([self.seed, 4, position]).choice(
+                len(prompts), p=weights / weights.sum())
+            return prompts[int(pick)]
         passes, offset = divmod(rnd, len(prompts))  # the tag's rnd-th prompt
         order = np.random.default_rng([self.seed, 2, tag, passes]).permutation(len(prompts))
         return prompts[int(order[offset])]
 
-    def take(self, n: int) -> list[tuple[int, dict]]:
+    def _weights(self, prompts: list[int], step: int) -> np.ndarray:
+        """Each prompt's mean observed spread (unseen: the tag's largest, at least 1) plus
+        the floor."""
+        seen: dict[int, list[float]] = {}
+        for s, groups in self.spreads.items():
+            if s < step - self.lag:
+                for i, v in groups:
+                    seen.setdefault(i, []).append(v)
+        means = {i: float(np.mean(v)) for i, v in seen.items() if i in set(prompts)}
+        unseen = max([1.0, *means.values()])  # optimistic: every prompt is tried
+        return np.array([means.get(i, unseen) for i in prompts]) + self.floor
+
+    def take(self, n: int, step: int = 0) -> list[tuple[int, dict]]:
+        """The next ``n`` prompts, for training step ``step`` (used by the spread mix)."""
         out = []
         for _ in range(n):
-            index = self._index(self.position)
+            index = self._index(self.position, step)
             out.append((index, self.rows[index]))
             self.position += 1
         return out

@@ -76,13 +76,14 @@ def restore_logs(run_dir: Path, sizes: dict[str, int] | None) -> None:
                 f.truncate(sizes.get(name, 0))
 
 
-def save_checkpoint(run_dir: Path, service: Service, position: int, step: int,
+def save_checkpoint(run_dir: Path, service: Service, position: dict, step: int,
                     logs: dict[str, int] | None = None, stale: dict | None = None,
                     ema: WeightsEMA | None = None) -> Path:
     """``checkpoints/step_N`` after ``step`` steps: LoRA (diffusers format), optimizer
     states, loop state.
 
-    The loop state: ``position``, the prompt cursor before step ``step``'s prompts;
+    The loop state: ``position``, the prompt cursor's state before step ``step``'s
+    prompts (``PromptCursor.state_dict``);
     ``logs``, the log files' lengths (:func:`log_sizes`); ``stale``, the flat weights of
     the older versions that steps ``step..`` were sampled with (``max_staleness >= 1``),
     so that a resumed run samples them as the uninterrupted run did.

@@ -33,7 +33,12 @@ import torch
 import yaml
 
 from learner.config import HTTP_SCORER, SC, Config, load_config
-from learner.grpo import advantage_metrics, combine_advantages, shuffle_within_groups
+from learner.grpo import (
+    advantage_metrics,
+    combine_advantages,
+    group_spreads,
+    shuffle_within_groups,
+)
 from learner.prompts import PromptCursor, load_prompts, select_tags
 from learner.update import accumulate_grpo_gradients
 from policy.logprob import trained_steps
@@ -66,7 +71,7 @@ class Batch:
 def sample_step(pipe, cfg: Config, cursor: PromptCursor, step: int, negative: Conditioning) -> Batch:
     """Draw ``prompts_per_step`` prompts and sample ``group_size`` trajectories of each."""
     g = cfg.grpo.group_size
-    picked = cursor.take(cfg.grpo.prompts_per_step)
+    picked = cursor.take(cfg.grpo.prompts_per_step, step)
     prompts = [row["prompt"] for _, row in picked for _ in range(g)]
     ids = torch.tensor([index for index, _ in picked for _ in range(g)])
     seeds = torch.tensor(
@@ -149,7 +154,7 @@ def train(cfg: Config, run_dir: Path | None = None) -> Path:
     params = [named[n] for n in params_names]
     optimizer = torch.optim.AdamW(params, lr=cfg.grpo.lr, weight_decay=cfg.grpo.weight_decay)
     rows = select_tags(load_prompts(cfg.train.prompts), cfg.train.tags, cfg.train.prompts)
-    cursor = PromptCursor(rows, cfg.seed, mix=cfg.train.prompt_mix)
+    cursor = PromptCursor(rows, cfg.seed, mix=cfg.train.prompt_mix, floor=cfg.train.spread_floor)
     negative = encode_prompts(pipe, [""], cfg.model.max_sequence_length)
     scorers = build_scorers(cfg)
     weights = ({SC: cfg.self_confidence.weight} if cfg.self_confidence.enabled else {}) | {
@@ -170,8 +175,12 @@ def train(cfg: Config, run_dir: Path | None = None) -> Path:
                 trained_on, weights, batch.group_ids, cfg.grpo.combine, cfg.grpo.std_mode,
                 cfg.grpo.adv_clip, cfg.grpo.adv_eps,
             )
-            metrics = update_step(pipe, cfg, batch, adv, negative, optimizer, params) if adv.keep.any() else {}
+            train_now = adv.keep.any() and not cfg.grpo.frozen  # a frozen control never moves
+            metrics = update_step(pipe, cfg, batch, adv, negative, optimizer, params) if train_now else {}
             t3 = time.perf_counter()
+            cursor.observe(step, zip(batch.rollout.prompt_ids[::cfg.grpo.group_size].tolist(),
+                                     group_spreads(adv.values, batch.group_ids).tolist(),
+                                     strict=True))
             metrics.update(advantage_metrics(adv))
             for name, r in rewards.items():
                 metrics[f"reward/{name}/mean"] = float(r.mean())

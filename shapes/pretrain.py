@@ -90,7 +90,7 @@ class PretrainConfig(BaseModel):
 
 
     @model_validator(mode="after")
-    def _check(self) -> "PretrainConfig":
+    def _check(self) -> PretrainConfig:
         if self.tag_weights is not None:
             unknown = sorted(set(self.tag_weights) - set(TAGS))
             if unknown or not any(w > 0 for w in self.tag_weights.values()):

@@ -8,9 +8,10 @@ Trains three runs of one configuration and one seed with the Ray service
 (``learner.main.train``), into ``<runs-dir>/{recipe,frozen,shuffled}``:
 
 * ``recipe``: the configuration as given;
-* ``frozen``: the same with ``grpo.lr = 1e-20``, a policy that never moves. The seed fixes
-  each step's prompts and every sample's noise, so it scores exactly the recipe's
-  (prompt, noise) pairs, and its held-out evaluation sees exactly the same images' noise;
+* ``frozen``: the same with ``grpo.frozen`` (no optimizer step), a policy that never
+  moves. The seed fixes each step's prompts and every sample's noise, so it scores exactly
+  the recipe's (prompt, noise) pairs; it evaluates its base once, on the same noise as
+  every evaluation of the other runs, and each of their versions pairs with that;
 * ``shuffled``: the same trained on rewards permuted within each group
   (``grpo.shuffle_rewards``): the same update sizes with no signal, i.e. what drift
   alone does to every metric.
@@ -41,7 +42,7 @@ from learner.config import Config, load_config
 from studies.reproduce import train_run
 from studies.trend import by_sample, paired, read_samples
 
-RUNS = {"recipe": [], "frozen": ["grpo.lr=1e-20"], "shuffled": ["grpo.shuffle_rewards=true"]}
+RUNS = {"recipe": [], "frozen": ["grpo.frozen=true"], "shuffled": ["grpo.shuffle_rewards=true"]}
 CONTROL = "frozen"
 
 
@@ -66,16 +67,27 @@ def train_gains(run_dir: Path, control_dir: Path) -> dict[str, list[dict]]:
     return out
 
 
-def eval_gains(run_dir: Path, control_dir: Path) -> dict[str, list[dict]]:
-    """``{metric: [{version, mean, se, n, value, control}]}``: paired held-out gains."""
+def paired_evals(run_dir: Path, control_dir: Path) -> list[tuple[int, list[dict], list[dict]]]:
+    """``(version, run's images, control's images)`` for every version both can show.
+
+    A ``grpo.frozen`` control evaluates its base once: each of the run's versions pairs
+    with that. A control trained at a vanishing learning rate pairs version by version.
+    """
     run, control = evaluation.read_evals(run_dir), evaluation.read_evals(control_dir)
-    shared = sorted(run.keys() & control.keys())
-    if not shared:
-        return {}
+    if not run or not control:
+        return []
+    if load_config(control_dir / "config.yaml").grpo.frozen:
+        return [(v, run[v], control[min(control)]) for v in sorted(run)]
+    return [(v, run[v], control[v]) for v in sorted(run.keys() & control.keys())]
+
+
+def eval_gains(run_dir: Path, control_dir: Path) -> dict[str, list[dict]]:
+    """``{metric: [{version, mean, se, n}]}``: paired held-out gains."""
+    pairs = paired_evals(run_dir, control_dir)
     out: dict[str, list[dict]] = {}
-    for key in evaluation.metric_keys(run[shared[0]]):
-        for v in shared:
-            gain, se, n = evaluation.paired_gain(run[v], control[v], key)
+    for key in evaluation.metric_keys(pairs[0][1]) if pairs else []:
+        for v, a, b in pairs:
+            gain, se, n = evaluation.paired_gain(a, b, key)
             out.setdefault(key, []).append({"version": v, "mean": gain, "se": se, "n": n})
     return out
 
@@ -84,11 +96,10 @@ def se_by_images(run_dir: Path, control_dir: Path, key: str = "shapes/strict") -
     """The paired gain's standard error at the last shared version, using the first k
     images of each prompt, for k = 1, 2, 4, ... up to what was evaluated: how many fixed-
     noise images an evaluation needs to see an effect of a given size."""
-    run, control = evaluation.read_evals(run_dir), evaluation.read_evals(control_dir)
-    shared = sorted(run.keys() & control.keys())
-    if not shared or key not in evaluation.metric_keys(run[shared[-1]]):
+    pairs = paired_evals(run_dir, control_dir)
+    if not pairs or key not in evaluation.metric_keys(pairs[-1][1]):
         return []
-    a, b = run[shared[-1]], control[shared[-1]]
+    _, a, b = pairs[-1]
     per_prompt = 1 + max(r["sample"] for r in a)
     out, k = [], 1
     while k <= per_prompt:

@@ -41,7 +41,7 @@ class FixedPrompts:
     def __init__(self, picked: list[tuple[int, dict]]) -> None:
         self.picked = picked
 
-    def take(self, n: int) -> list[tuple[int, dict]]:
+    def take(self, n: int, step: int = 0) -> list[tuple[int, dict]]:
         assert n == len(self.picked)
         return self.picked
 

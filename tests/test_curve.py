@@ -3,13 +3,17 @@
 import json
 
 import pytest
+import yaml
 
 from learner import evaluation
+from learner.config import load_config
 from studies import curve
 
 
-def _write(run_dir, samples, evals):
+def _write(run_dir, samples, evals, frozen=False):
     run_dir.mkdir(parents=True)
+    cfg = load_config("configs/tiny_solace.yaml", [f"grpo.frozen={str(frozen).lower()}"])
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     (run_dir / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in samples))
     with open(run_dir / "eval_samples.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in evals)
@@ -46,11 +50,24 @@ def test_gains_pair_each_sample_with_the_frozen_control(tmp_path):
     assert json.loads((tmp_path / "out" / "c.json").read_text()) == results
 
 
+def test_a_frozen_control_evaluates_once_and_every_version_pairs_with_it(tmp_path):
+    base = _evals([0.0, 1.0, 0.0, 1.0])[:2]  # the frozen control's version 0 only
+    _write(tmp_path / "frozen", _samples([0.1, 0.2, 0.1, 0.2]), base, frozen=True)
+    _write(tmp_path / "recipe", _samples([0.1, 0.2, 0.4, 0.6]), _evals([0.0, 1.0, 1.0, 1.0]))
+    ev = curve.eval_gains(tmp_path / "recipe", tmp_path / "frozen")["reward/r"]
+    assert [(p["version"], p["mean"]) for p in ev] == [(0, 0.0), (2, 0.5)]
+    assert curve.se_by_images(tmp_path / "recipe", tmp_path / "frozen")[0]["mean"] == 0.5
+    # a control trained at a vanishing rate pairs version by version: none at version 2
+    _write(tmp_path / "tiny_lr", _samples([0.1, 0.2, 0.1, 0.2]), base)
+    ev = curve.eval_gains(tmp_path / "recipe", tmp_path / "tiny_lr")["reward/r"]
+    assert [p["version"] for p in ev] == [0]
+
+
 def test_runs_are_the_recipe_the_frozen_control_and_the_shuffled_control(tmp_path):
     runs = {"frozen": curve.RUNS["frozen"], "shuffled": curve.RUNS["shuffled"],
             "stale": ["learner.max_staleness=1"]}
     cfgs = curve.run_configs("configs/repro_colorful.yaml", ["grpo.lr=1e-2"], 3, runs)
-    assert cfgs["frozen"].grpo.lr == 1e-20 and cfgs["shuffled"].grpo.shuffle_rewards
+    assert cfgs["frozen"].grpo.frozen and cfgs["shuffled"].grpo.shuffle_rewards
     assert cfgs["stale"].grpo.lr == 1e-2 and cfgs["stale"].learner.max_staleness == 1
     assert {c.train.steps for c in cfgs.values()} == {3}
     assert evaluation.SHAPES == "shapes"

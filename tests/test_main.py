@@ -180,6 +180,31 @@ def test_external_reward_alone_trains_and_a_weight_zero_reward_is_recorded(local
     assert (run_dir / "lora").is_dir()
 
 
+def test_a_frozen_control_samples_and_scores_as_the_recipe_and_never_moves(local_ray, tmp_path):
+    """grpo.frozen: the recipe's samples (same prompts, same noise) and rewards, no optimizer
+    step, one evaluation (the base); the saved LoRA is still the zero-B init."""
+    from safetensors.torch import load_file
+
+    over = SMALL + ["train.steps=2", "learner.max_staleness=0", "eval.every=1",
+                    "eval.prompts_per_tag=1", "eval.per_prompt=1", "sampler.eval_num_steps=4"]
+    runs = {}
+    for name, extra in (("recipe", []), ("frozen", ["grpo.frozen=true"])):
+        cfg = load_config(REPO / "configs/tiny_solace.yaml", over + extra + [
+            f"reward_pool.control_name=test-pool-{name}"])
+        runs[name] = train(cfg, tmp_path / name)
+    recipe, frozen = (_lines(runs[n] / "samples.jsonl") for n in ("recipe", "frozen"))
+    assert [(r["prompt_id"], r["seed"]) for r in frozen] == [(r["prompt_id"], r["seed"])
+                                                            for r in recipe]
+    first = [r["reward/self_confidence"] for r in recipe if r["step"] == 0]
+    assert [r["reward/self_confidence"] for r in frozen if r["step"] == 0] == first
+    metrics = _lines(runs["frozen"] / "metrics.jsonl")
+    assert all(not any(k.startswith("loss/") for k in m) for m in metrics)
+    assert sorted(evaluation.read_evals(runs["frozen"])) == [0]
+    assert sorted(evaluation.read_evals(runs["recipe"])) == [0, 1, 2]
+    lora = load_file(runs["frozen"] / "lora" / "pytorch_lora_weights.safetensors")
+    assert all(v.abs().max() == 0 for k, v in lora.items() if "lora_B" in k)
+
+
 def test_per_step_credit_trains_one_advantage_per_step_and_evaluates(local_ray, tmp_path):
     """grpo.credit per_step through the service: every sample carries one advantage per
     trained step, each step's advantages sum to zero over its group, the on-policy ratio

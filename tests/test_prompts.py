@@ -41,6 +41,64 @@ def test_a_cursor_resumed_at_its_position_continues_the_same_order():
         assert [i for i, _ in whole[17:]] == [i for i, _ in rest]
 
 
+def test_spread_mix_draws_tags_in_turn_and_prompts_with_spread_more():
+    rows = load_prompts(TRAIN)
+    cursor = PromptCursor(rows, seed=0, mix="spread", floor=0.1)
+    colors = [i for i, r in enumerate(rows) if r["tag"] == "colors"]
+    flat, varied = colors[:5], colors[5:]
+    # steps 0-9 observed: half the colour prompts' groups scored alike (spread 0)
+    for step in range(10):
+        cursor.observe(step, [(i, 0.0) for i in flat] + [(i, 1.0) for i in varied])
+    picks = cursor.take(6 * 200, step=10)
+    counts = Counter(row["tag"] for _, row in picks)
+    assert set(counts.values()) == {200}  # tags stay balanced
+    drawn = Counter(i for i, row in picks if row["tag"] == "colors")
+    ratio = sum(drawn[i] for i in varied) / sum(drawn[i] for i in flat)
+    assert 6 < ratio < 17  # weights (1 + 0.1) / (0 + 0.1) = 11
+    # a prompt never drawn counts as its tag's largest spread: counting was never observed
+    assert len({i for i, row in picks if row["tag"] == "counting"}) == 6
+
+
+def test_spread_draws_see_only_steps_the_lag_has_scored_and_resume_exactly():
+    rows = load_prompts(TRAIN)
+    colors = [i for i, r in enumerate(rows) if r["tag"] == "colors"]
+
+    def run(lag, stop_at=None):
+        cursor, out = PromptCursor(rows, seed=3, mix="spread", lag=lag), []
+        for step in range(12):
+            if step == stop_at:  # a resumed run: a new cursor from the checkpointed state
+                state = cursor.state_dict()
+                cursor = PromptCursor(rows, seed=3, mix="spread", lag=lag)
+                cursor.load_state_dict(state)
+            out.append(cursor.take(6, step))
+            cursor.observe(step, [(i, float(i in colors[:3])) for i, _ in out[-1]])
+        return [[i for i, _ in picks] for picks in out]
+
+    assert run(0) == run(0, stop_at=7) and run(1) == run(1, stop_at=5)
+    assert run(0)[0] == run(1)[0]  # step 0: nothing scored yet
+    # step 0 scored: a draw for step 1 sees it with lag 0, not with lag 1 (still in flight)
+    for lag, seen in ((0, True), (1, False)):
+        cursor = PromptCursor(rows, seed=3, mix="spread", lag=lag)
+        cursor.observe(0, [(colors[0], 0.0)])
+        weights = cursor._weights(colors, step=1)
+        assert (weights[0] < weights[1]) == seen
+    old = PromptCursor(rows, seed=3)
+    old.load_state_dict(17)  # a checkpoint from before the spread mix: its position alone
+    assert old.position == 17 and old.spreads == {}
+
+
+def test_group_spreads_are_each_groups_advantage_std():
+    import torch
+
+    from learner.grpo import group_spreads
+
+    values = torch.tensor([1.0, -1.0, 0.0, 0.0, 2.0, 0.0])
+    spreads = group_spreads(values, torch.tensor([0, 0, 1, 1, 2, 2]))
+    assert spreads.tolist() == pytest.approx([1.0, 0.0, 1.0])
+    per_step = torch.tensor([[1.0, 3.0], [-1.0, -3.0]])  # row means 2 and -2
+    assert group_spreads(per_step, torch.tensor([0, 0])).tolist() == pytest.approx([2.0])
+
+
 # -- file formats (learner.prompts.load_prompts) -------------------------------------------
 
 def write(path, text: str):
