@@ -94,6 +94,9 @@ class Detection:
     confidence: float  # prototype margin in [0.5, 1]; orders objects like GenEval's scores
     box: tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels, x1/y1 exclusive
     area: int  # foreground pixels
+    # distance to each class's prototype (CLASSES order) in that class's stds; inf where
+    # the blob is stretched past MAX_STRETCH from the class's aspect (soft credit reads it)
+    distances: tuple[float, ...] = ()
 
 
 def pixel_maps(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -211,12 +214,18 @@ def radial_harmonics(a: np.ndarray, orders: tuple[int, ...] = (3, 4, 5)) -> np.n
     return spectrum[:, list(orders)]
 
 
-def classify_shapes(feats: np.ndarray) -> tuple[list[str | None], np.ndarray]:
-    """Nearest class per component -> (class or None, confidence float [K])."""
+def class_distances(feats: np.ndarray) -> np.ndarray:
+    """float [K,4]: each component's distance to each class prototype in that class's
+    stds, inf where it is stretched past MAX_STRETCH from the class's aspect ratio."""
     std = np.maximum(CLASS_STD, STD_FLOOR)
     d = np.linalg.norm((feats[:, None, :] - PROTOTYPES[None]) / std[None], axis=-1)  # [K,4]
     stretch = np.abs(feats[:, None, 3] - PROTOTYPES[None, :, 3])  # [K,4] |log aspect ratio|
-    d = np.where(stretch <= np.log(MAX_STRETCH), d, np.inf)
+    return np.where(stretch <= np.log(MAX_STRETCH), d, np.inf)
+
+
+def classify_shapes(feats: np.ndarray) -> tuple[list[str | None], np.ndarray]:
+    """Nearest class per component -> (class or None, confidence float [K])."""
+    d = class_distances(feats)
     d1, d2 = np.sort(d, axis=1)[:, :2].T
     finite = np.isfinite(d2)  # a second candidate class within MAX_STRETCH
     with np.errstate(invalid="ignore"):  # inf / inf where no class is within MAX_STRETCH
@@ -271,10 +280,12 @@ def detect(images: np.ndarray) -> list[list[Detection]]:
     """uint8 [N,H,W,3] -> per image, detections sorted by confidence (highest first)."""
     comps = find_components(images)
     shapes, conf = classify_shapes(comps.features)
+    dist = class_distances(comps.features)
     out: list[list[Detection]] = [[] for _ in range(len(images))]
     for j, i in enumerate(comps.image):
         box = tuple(float(v) for v in comps.boxes[j])
-        out[i].append(Detection(shapes[j], comps.colors[j], float(conf[j]), box, int(comps.area[j])))
+        out[i].append(Detection(shapes[j], comps.colors[j], float(conf[j]), box,
+                                int(comps.area[j]), tuple(float(x) for x in dist[j])))
     for dets in out:
         dets.sort(key=lambda d: -d.confidence)
     return out

@@ -26,6 +26,12 @@ Deviations from GenEval:
   the mean of their parts (count found / count, fraction with the right colour,
   fraction of object pairs in the right relation), times (count - 1) / found for
   each violated exclude clause. It is 1 exactly when `strict` is.
+* Adds `soft` credit, a dense reward: `partial`'s formula with every blob counted as
+  class c to the degree sigmoid((MAX_SHAPE_DIST - d_c) / SOFT_WIDTH), d_c its distance
+  to c's prototype, instead of 0 or 1. A blob that is nearly a circle earns nearly a
+  circle's credit, so each step towards a recognisable shape is rewarded (partial
+  credit moves only when a shape crosses the detector's threshold). A crisp correct
+  image scores ~0.99, not 1.
 * Refuses degenerate images, which GenEval's detector would not be fooled by but ours
   could (`degenerate`): foreground over half the frame, one blob spanning most of the
   frame, or more than two blobs beyond the objects the prompt asks for. Such an image
@@ -44,7 +50,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from shapes.detect import Detection, detect
+from shapes.detect import MAX_SHAPE_DIST, Detection, detect
 from shapes.draw import POSITION_THRESHOLD, relative_position
 from shapes.prompts import CLASSES, COLORS, RELATIONS, TAGS
 
@@ -64,6 +70,7 @@ class ShapesScores:
     strict: np.ndarray  # bool [N]: GenEval's correct / incorrect
     partial: np.ndarray  # float32 [N] in [0, 1]; 1 iff strict
     details: list[ImageDetails]
+    soft: np.ndarray | None = None  # float32 [N] in [0, 1]: soft credit (module docstring)
 
 
 def _include_clause(req: dict, by_class: dict[str, list[Detection]],
@@ -123,6 +130,42 @@ def judge(objects: list[Detection], metadata: dict, threshold: float = POSITION_
             factor *= (req["count"] - 1) / n  # < 1, and falls as extra objects pile up
     partial = float(np.mean(scores)) * factor if scores else factor
     return not failures, partial, failures
+
+
+SOFT_WIDTH = 1.0  # class stds over which soft credit falls from 0.73 to 0.27 at the threshold
+
+
+def class_match(d: Detection, cls: str) -> float:
+    """How much blob ``d`` counts as ``cls`` in soft credit, in (0, 1)."""
+    dist = d.distances[CLASSES.index(cls)]
+    return float(0.5 * (1 - np.tanh((dist - MAX_SHAPE_DIST) / (2 * SOFT_WIDTH))))  # sigmoid
+
+
+def soft_judge(objects: list[Detection], metadata: dict,
+               threshold: float = POSITION_THRESHOLD) -> float:
+    """Soft credit: `judge`'s partial credit with blobs counted by `class_match`."""
+    scores: list[float] = []
+    tops: list[list[int]] = []  # each include clause's best-matching blobs
+    for req in metadata["include"]:
+        cls, count = req["class"], req["count"]
+        match = np.array([class_match(d, cls) for d in objects])
+        top = [int(k) for k in np.argsort(-match, kind="stable")[:count]]
+        parts = [float(match[top].sum()) / count]
+        if "color" in req:
+            parts.append(sum(match[k] for k in top if objects[k].color == req["color"]) / count)
+        if "position" in req:
+            rel, target = req["position"]
+            rels = [relative_position(objects[k].box, objects[t].box, threshold)
+                    for k in top for t in tops[target]]
+            parts.append(float(np.mean([rel in r for r in rels])) if rels else 0.0)
+        tops.append(top)
+        scores.append(float(np.mean(parts)))
+    factor = 1.0
+    for req in metadata.get("exclude", []):
+        n = sum(class_match(d, req["class"]) for d in objects)  # a soft count
+        if n > req["count"] - 1:
+            factor *= (req["count"] - 1) / n
+    return float(np.mean(scores)) * factor
 
 
 # Limits of a plausible shapes-world image (see the module docstring for what renders and
@@ -222,6 +265,7 @@ class ShapesEval:
                    for d in detect(images[i:i + self.chunk])]
         strict = np.zeros(len(images), dtype=bool)
         partial = np.zeros(len(images), dtype=np.float32)
+        soft = np.zeros(len(images), dtype=np.float32)
         details = []
         height, width = images.shape[1:3]
         for i, (found, meta) in enumerate(zip(objects, metadata, strict=True)):
@@ -230,8 +274,9 @@ class ShapesEval:
                 details.append(ImageDetails(found, [reason]))
                 continue
             strict[i], partial[i], failures = judge(found, meta, self.position_threshold)
+            soft[i] = soft_judge(found, meta, self.position_threshold)
             details.append(ImageDetails(found, failures))
-        return ShapesScores(strict, partial, details)
+        return ShapesScores(strict, partial, details, soft)
 
 
 _DEFAULT = ShapesEval()

@@ -306,3 +306,45 @@ def test_paired_gain_of_two_model_reports_by_tag_and_overall():
     other = report([0, 0, 0, 0]) | {"seed": 1}
     with pytest.raises(ValueError, match="must share"):
         paired_gain(report([1, 1, 1, 1]), other)
+
+
+def test_soft_credit_is_near_one_for_renders_and_rises_as_a_blob_nears_its_class():
+    images, metas = renders(make_splits()["test"], seed=3)
+    scores = grade(images, metas)
+    assert scores.soft.min() > 0.9 and np.median(scores.soft) > 0.98 and scores.soft.max() <= 1.0
+    meta = {"prompt": "a photo of a circle", "tag": "single_object",
+            "include": [{"class": "circle", "count": 1}]}
+    # a circle pushed out of round: a rounded pentagon, then a square with cut corners
+    shapes = [scene(("circle", "red", (24, 24, 40, 40)))]
+    for sides in (8, 5, 4):
+        pts = [(32 + 9 * np.cos(a), 32 + 9 * np.sin(a))
+               for a in -np.pi / 2 + np.arange(sides) * 2 * np.pi / sides]
+        shapes.append(blob(pts))
+    scores = grade(np.stack(shapes), [meta] * len(shapes))
+    assert scores.soft[0] > 0.95 and list(scores.soft) == sorted(scores.soft, reverse=True)
+    assert scores.soft[1] > scores.soft[3] + 0.2  # an octagon is far more circle than a diamond
+    assert not scores.strict[3] and scores.partial[3] == 0.0 < scores.soft[3]  # dense below
+
+
+def test_soft_credit_counts_objects_softly_against_an_exclude_clause():
+    star = [("star", "red", (4 + 15 * i, 24, 18 + 15 * i, 38)) for i in range(4)]
+    meta = {"prompt": "a photo of three stars", "tag": "counting",
+            "include": [{"class": "star", "count": 3}], "exclude": [{"class": "star", "count": 4}]}
+    scores = grade(np.stack([scene(*star[:3]), scene(*star)]), [meta, meta])
+    assert scores.strict.tolist() == [True, False]
+    assert scores.soft[0] > 0.95 and 0.6 < scores.soft[1] < 0.8  # ~3 / 4 stars, as partial
+
+
+def test_the_shapes_reward_gives_partial_or_soft_credit():
+    from rewards.shapes import ShapesReward
+
+    meta = {"prompt": "a photo of a circle", "tag": "single_object",
+            "include": [{"class": "circle", "count": 1}]}
+    pts = [(32 + 9 * np.cos(a), 32 + 9 * np.sin(a)) for a in np.arange(5) * 2 * np.pi / 5]
+    images = np.stack([blob(pts)])
+    partial = ShapesReward()(images, [meta["prompt"]], [meta])
+    soft = ShapesReward(credit="soft")(images, [meta["prompt"]], [meta])
+    assert partial.tolist() == grade(images, [meta]).partial.tolist()
+    assert soft.tolist() == pytest.approx(grade(images, [meta]).soft.tolist())
+    with pytest.raises(ValueError, match="credit must be 'partial' or 'soft'"):
+        ShapesReward(credit="strict")
