@@ -334,6 +334,14 @@ class LearnerConfig(_Section):
         False, description="always ask for the 'learner' resource (autoscaling clusters); "
         "false: only if a node declares it at start"
     )
+    recompute_old_logprobs: bool = Field(
+        False, description="before each update, recompute the sampled log-probs on the "
+        "learner (no grad, the rollout's own weight version swapped in, the update's "
+        "micro-batches), so the ratio's denominator comes from the same kernels, batch "
+        "shapes and dtype as its numerator: bf16 GPU kernels differ with batch size, and "
+        "with clip_range 1e-4 that drift alone clips samples. Costs one no-grad forward "
+        "per trained step and sample (python -m bench onpolicy measures it)"
+    )
     max_staleness: int = Field(
         1, ge=0, description="how many weight versions a rollout may lag the learner; 0 = on-policy"
     )

@@ -26,7 +26,7 @@ import argparse
 import json
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -35,7 +35,7 @@ import yaml
 from learner.config import HTTP_SCORER, SC, Config, load_config
 from learner.grpo import advantage_metrics, combine_advantages, shuffle_within_groups
 from learner.prompts import PromptCursor, load_prompts, select_tags
-from learner.update import accumulate_grpo_gradients
+from learner.update import accumulate_grpo_gradients, recompute_old_log_probs
 from policy.logprob import trained_steps
 from policy.pipeline import adapter_disabled, add_lora, build_pipeline, save_lora
 from policy.sampler import (
@@ -116,6 +116,12 @@ def update_step(pipe, cfg: Config, batch: Batch, advantages, negative, optimizer
     gr = cfg.grpo
     keep = advantages.keep.nonzero().flatten()
     steps = trained_steps(batch.rollout, gr.train_fraction)
+    recompute_s = 0.0
+    if cfg.learner.recompute_old_logprobs:  # on-policy here: the weights that sampled
+        t0 = time.perf_counter()
+        batch = replace(batch, rollout=recompute_old_log_probs(
+            pipe.transformer, batch.rollout, batch.cond, negative, keep, steps, gr))
+        recompute_s = time.perf_counter() - t0
     for epoch in range(gr.inner_epochs):
         optimizer.zero_grad(set_to_none=True)
         metrics = accumulate_grpo_gradients(
@@ -128,6 +134,8 @@ def update_step(pipe, cfg: Config, batch: Batch, advantages, negative, optimizer
             first_dev = metrics["loss/first_ratio_max_dev"]
     metrics["loss/first_ratio_max_dev"] = first_dev
     metrics["loss/grad_norm"] = float(norm)
+    if cfg.learner.recompute_old_logprobs:
+        metrics["timing/recompute_s"] = recompute_s
     return metrics
 
 

@@ -152,6 +152,7 @@ class Service:
                 require_resource=cfg.learner.require_resource,
                 gradient_checkpointing=cfg.learner.gradient_checkpointing,
                 placement_timeout_s=cfg.learner.placement_timeout_s, prompt_table=table,
+                recompute_old_logprobs=cfg.learner.recompute_old_logprobs,
             )
         except PlacementTimeout:  # nothing to run with: the started actors go too
             for pool in self.pools.values():
