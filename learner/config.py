@@ -129,6 +129,12 @@ class SelfConfidenceConfig(_Section):
         None, ge=1, description="at most this many of the K x group probe latents per "
         "transformer forward (the same rewards); null: all of a group's at once"
     )
+    merge_lora: bool = Field(
+        False, description="score with the LoRA merged into the transformer's weights "
+        "(policy.merged; base weights restored exactly after each call): no extra adapter "
+        "matmuls. The reward is not in the policy ratio, so the last-bit differences of a "
+        "merged bf16 forward are harmless here (sampling and training stay unmerged)"
+    )
 
     @model_validator(mode="after")
     def _even(self) -> SelfConfidenceConfig:
@@ -215,6 +221,11 @@ class RolloutConfig(_Section):
         None, ge=1, description="at most this many trajectories denoised at once in a rollout "
         "actor (a call's groups are sampled in chunks; the same samples); null: a call's "
         "whole batch at once, and evaluations in batches of 32"
+    )
+    decode_batch: int | None = Field(
+        None, ge=1, description="at most this many images decoded by the VAE at once (sample "
+        "grids, evaluations, external-reward actors; the same images); null: all of a call "
+        "at once (SD3.5-M's VAE needs ~0.37 GiB an image at 512 px in bf16)"
     )
     timeout_s: float = Field(
         1800.0, gt=0, description="longest wait for one step's rollouts and scores (or one "

@@ -37,6 +37,7 @@ from learner.grpo import advantage_metrics, combine_advantages, shuffle_within_g
 from learner.prompts import PromptCursor, load_prompts, select_tags
 from learner.update import accumulate_grpo_gradients, recompute_old_log_probs
 from policy.logprob import trained_steps
+from policy.merged import merged_lora
 from policy.pipeline import adapter_disabled, add_lora, build_pipeline, save_lora
 from policy.sampler import (
     SHUFFLE_STREAM,
@@ -97,13 +98,16 @@ def score_step(pipe, cfg: Config, batch: Batch, negative: Conditioning, scorers:
     out = {}
     sc = cfg.self_confidence
     if sc.enabled:
-        base = adapter_disabled(pipe.transformer) if sc.policy == "base" else nullcontext()
-        with base:
+        if sc.policy == "base":
+            context = adapter_disabled(pipe.transformer)
+        else:  # not in the ratio: merged forwards are safe (policy.merged)
+            context = merged_lora(pipe.transformer) if sc.merge_lora else nullcontext()
+        with context:
             out[SC], _ = score_rollout(pipe.transformer, batch.rollout, batch.cond, cfg.seed,
                                        sc.num_probes, sc.probe_fraction, sc.delta,
                                        sc.aggregation, sc.guidance_scale, negative)
     if scorers:
-        images = decode_images(pipe, batch.rollout.final)
+        images = decode_images(pipe, batch.rollout.final, cfg.rollout.decode_batch)
         metadata = [rows[i] for i in batch.rollout.prompt_ids.tolist()]
         for name, scorer in scorers.items():
             values = scorer(images, list(batch.rollout.prompts), metadata)
