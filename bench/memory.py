@@ -334,10 +334,15 @@ def place(roles_: list[Role], cluster: Path) -> None:
 
 def run_memory(cfg: Config, config_path: Path, cluster: Path | None = None) -> dict:
     """The memory model of ``cfg`` on ``cluster`` (default: the repository's ray_cluster.yaml)."""
-    cluster = cluster or Path(__file__).resolve().parents[1] / "ray_cluster.yaml"
+    root = Path(__file__).resolve().parents[1]
+    cluster = cluster or root / "ray_cluster.yaml"
     rs = roles(cfg)
     place(rs, cluster)
-    return {"config": str(config_path), "cluster": str(cluster), "dtype": cfg.model.dtype,
+
+    def shown(path: Path) -> str:  # relative to the repository when inside it
+        path = Path(path).resolve()
+        return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+    return {"config": shown(config_path), "cluster": shown(cluster), "dtype": cfg.model.dtype,
             "required_margin": REQUIRED_MARGIN, "roles": [r.summary() for r in rs]}
 
 
