@@ -139,7 +139,8 @@ def run_check(cfg, on_gpu: bool, repeats: int) -> dict:
     reset(device)
     m = sd35m_model(gcfg, shape, text_len, device_name)
     moved_lora(m)  # LoRA B off zero: the adapter (and its merge) does real work
-    weights_gib = peak_gib(device)
+    # the bf16 weights held (the fp32 init before the cast peaks higher, and is gone)
+    weights_gib = torch.cuda.memory_allocated(device) / 2**30 if on_gpu else None
     ro, sc, gr = gcfg.rollout, gcfg.self_confidence, gcfg.grpo
     groups = max(1, math.ceil(gr.prompts_per_step / ro.num_actors)) if on_gpu else 1
     prompts = [f"prompt {i}" for i in range(groups)]
@@ -225,6 +226,9 @@ def report(r: dict) -> str:
         dev = s.get("first_ratio_max_dev")
         lines.append(f"{name:40s} {s['batch']:>18s} {rate:9.2f} {peak:>9s} {model:9.2f} "
                      + (f"{dev:11.2e} {s['clip_fraction']:7.0%}" if dev is not None else ""))
+    if r["weights_gib"] is not None:
+        lines.append(f"transformer + LoRA weights held: {r['weights_gib']:.2f} GiB "
+                     f"(memory model: {est['weights']:.2f})")
     if r["device_used_gib"] is not None:
         lines.append(f"device memory in use at the end (context + cache): "
                      f"{r['device_used_gib']:.2f} GiB")
