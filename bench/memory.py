@@ -141,9 +141,15 @@ class Components:
     def cond(self, batch: int) -> Conditioning:
         """Conditioning of ``batch`` prompts: the joint text sequence and the pooled vector."""
         c = self.policy.config
-        length = CLIP_TOKENS + self.cfg.model.max_sequence_length
+        length = self.clip_tokens() + self.cfg.model.max_sequence_length
         return Conditioning(torch.zeros(batch, length, c.joint_attention_dim, dtype=self.dtype),
                             torch.zeros(batch, c.pooled_projection_dim, dtype=self.dtype))
+
+    def clip_tokens(self) -> int:
+        """CLIP's share of the joint text sequence: 77 for SD3, a tiny model's own less."""
+        clips = [e.config.max_position_embeddings for e in self.encoders.values()
+                 if "CLIP" in type(e).__name__]
+        return min([CLIP_TOKENS, *clips])
 
     def latents(self, batch: int) -> torch.Tensor:
         channels, side = self.latent_shape()
@@ -212,7 +218,7 @@ def encode_peak(c: Components, batch: int) -> int:
             kept = []
             for encoder in c.encoders.values():
                 t5 = "T5" in type(encoder).__name__
-                length = c.cfg.model.max_sequence_length if t5 else CLIP_TOKENS
+                length = c.cfg.model.max_sequence_length if t5 else c.clip_tokens()
                 ids = torch.zeros(batch, length, dtype=torch.long)
                 out = encoder(ids) if t5 else encoder(ids, output_hidden_states=True)
                 kept.append(out[0] if t5 else out.hidden_states[-2])
