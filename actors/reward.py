@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from actors.rollout import PolicyReplica, resolve_table
+from policy.merged import merged_lora
 from policy.pipeline import LoraSpec, adapter_disabled, build_vae
 from policy.prompt_table import PromptTable, text_source
 from policy.sampler import (
@@ -83,8 +84,10 @@ class SelfConfidenceWorker:
         credit_steps: Sequence[int] | None = None,
         micro_batch: int | None = None,
         prompt_table: PromptTable | None = None,
+        merge_lora: bool = False,
     ) -> None:
         prompt_table = resolve_table(prompt_table)  # (a ref, from the pool's factory)
+        self.merge_lora = merge_lora  # score with the adapter merged (policy.merged)
         self.policy = PolicyReplica(model_path, dtype, device, num_threads, lora,
                                     text_encoders=prompt_table is None)
         self.text = text_source(self.policy.pipe, max_sequence_length, prompt_table)
@@ -126,8 +129,11 @@ class SelfConfidenceWorker:
         r = rollout.torch(self.policy.device)
         cond = self.text.encode(r.prompts, self.policy.device)
         transformer = self.policy.pipe.transformer
-        offline = adapter_disabled(transformer) if self.scoring_policy == "base" else nullcontext()
-        with offline:
+        if self.scoring_policy == "base":
+            context = adapter_disabled(transformer)
+        else:  # the reward is not in the ratio: merged forwards are safe (policy.merged)
+            context = merged_lora(transformer) if self.merge_lora else nullcontext()
+        with context:
             reward, per_step = score_rollout(
                 transformer, r, cond, self.run_seed, self.num_probes, self.probe_fraction,
                 self.delta, self.aggregation, self.guidance_scale, self.negative,
@@ -169,8 +175,10 @@ class ExternalRewardWorker:
         num_threads: int = 0,
         scorer_kwargs: dict[str, Any] | None = None,
         metadata: Sequence[dict] | None = None,
+        decode_batch: int | None = None,
     ) -> None:
         self.scorer = import_scorer(scorer, scorer_kwargs)
+        self.decode_batch = decode_batch  # images decoded at once (None: all of a call)
         self.reward_name = reward_name
         # The VAE alone (its latent scaling config included): no transformer or text
         # encoders resident in an actor that only decodes.
@@ -185,7 +193,7 @@ class ExternalRewardWorker:
         else:
             metadata = [self.metadata[i] for i in ids]
         final = torch.tensor(np.asarray(rollout.latents)[:, -1])  # [B, C, H, W], a copy
-        images = decode_latents(self.vae, final)
+        images = decode_latents(self.vae, final, self.decode_batch)
         out = self.scorer(images, list(rollout.prompts), metadata)
         return Scores(
             sample_keys=sample_keys(rollout),

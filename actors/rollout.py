@@ -92,6 +92,7 @@ class RolloutWorker:
         eval_sampler: SamplerSpec | None = None,
         micro_batch: int | None = None,
         prompt_table: PromptTable | None = None,
+        decode_batch: int | None = None,
     ) -> None:
         # With a prompt table the text encoders stay unloaded: prompts are looked up.
         prompt_table = resolve_table(prompt_table)
@@ -99,6 +100,7 @@ class RolloutWorker:
                                     text_encoders=prompt_table is None)
         self.text = text_source(self.policy.pipe, max_sequence_length, prompt_table)
         self.micro_batch = micro_batch  # trajectories denoised at once (None: a whole call)
+        self.decode_batch = decode_batch  # images decoded at once (None: all of a call)
         self.spec = sampler
         self.eval_spec = eval_sampler
         self.max_sequence_length = max_sequence_length
@@ -153,7 +155,7 @@ class RolloutWorker:
     def decode(self, rollout: Rollout) -> np.ndarray:
         """The rollout's final images, uint8 ``[B, H, W, 3]`` (for sample grids)."""
         final = torch.tensor(np.asarray(rollout.latents)[:, -1])  # a copy: object-store arrays are read-only
-        return decode_images(self.policy.pipe, final)
+        return decode_images(self.policy.pipe, final, self.decode_batch)
 
     @torch.no_grad()
     def evaluate(self, jobs: list[tuple[int, str, int]], seed: int, offset: int = 0,
@@ -188,7 +190,7 @@ class RolloutWorker:
                                  negative=self.negative,
                                  max_sequence_length=self.max_sequence_length)
             finals.append(out.final)
-            images.append(decode_images(pipe, out.final))
+            images.append(decode_images(pipe, out.final, self.decode_batch))
         final = torch.cat(finals)
         rollout = Rollout(
             latents=final[:, None], log_probs=torch.zeros(len(jobs), 0),

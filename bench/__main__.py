@@ -3,6 +3,8 @@
     python -m bench all                  # every part; writes BENCHMARKS.md and docs/bench/
     python -m bench all --quick          # the short mode the test suite runs
     python -m bench stages|e2e|scaling|gpu [--out FILE]   # one part (printed; written with --out)
+    python -m bench memory [--gpu-config FILE]            # memory per actor role (issue #17)
+    python -m bench onpolicy                              # recompute cost, merged-LoRA gain
 
 Parts: ``stages`` (1-3: sampler, self-confidence and update efficiency; aliases sampler,
 scoring, update), ``e2e`` (4-5: service vs sequential, overheads, publish latency; alias
@@ -28,7 +30,9 @@ from bench import chart, report
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = {"all": ("stages", "e2e", "scaling", "gpu"), "render": (), "stages": ("stages",),
          "sampler": ("stages",), "scoring": ("stages",), "update": ("stages",),
-         "e2e": ("e2e",), "overheads": ("e2e",), "scaling": ("scaling",), "gpu": ("gpu",)}
+         "e2e": ("e2e",), "overheads": ("e2e",), "scaling": ("scaling",), "gpu": ("gpu",),
+         # issue #17: printed (and written with --out), not part of "all"
+         "memory": ("memory",), "onpolicy": ("onpolicy",)}
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     from learner.config import load_config
     from learner.prompts import PromptCursor, load_prompts
 
+    if args.part in ("memory", "onpolicy"):
+        return option_part(args)
     if args.part == "render":
         out = args.out or Path("BENCHMARKS.md")
         write(json.loads((out.parent / "docs/bench/results.json").read_text()), out)
@@ -154,6 +160,33 @@ def main(argv: list[str] | None = None) -> None:
     print(report.console(results))
     if out is not None:
         write(results, out)
+
+
+def option_part(args) -> None:
+    """``memory`` (the memory model per role) and ``onpolicy`` (the on-policy options'
+    cost and gain): printed, and with ``--out`` written as JSON."""
+    from learner.config import load_config
+
+    if args.part == "memory":
+        from bench.memory import console, run_memory
+
+        gcfg = load_config(args.gpu_config, args.overrides)
+        results = run_memory(gcfg, args.gpu_config)
+    else:
+        from bench.onpolicy import console, run_onpolicy
+        from learner.prompts import PromptCursor, load_prompts
+
+        cfg = load_config(args.config, args.overrides)
+        prompts = [row["prompt"] for _, row in
+                   PromptCursor(load_prompts(cfg.train.prompts), cfg.seed).take(cfg.grpo.prompts_per_step)]
+        repeats = args.repeats or (QUICK if args.quick else FULL).repeats
+        results = run_onpolicy(cfg, load_config(args.gpu_config), prompts, repeats,
+                               args.threads or cfg.rollout.num_threads)
+    results["command"] = "python -m bench " + shlex.join(sys.argv[1:])
+    print(console(results))
+    if args.out is not None:
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        log(f"wrote {args.out}")
 
 
 def write(results: dict, out: Path) -> None:

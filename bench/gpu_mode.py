@@ -74,12 +74,16 @@ def gpu_config(cfg: Config, on_gpu: bool) -> tuple[Config, dict, int, str]:
     On a GPU: SD3.5-M's shape at 512 px in bf16 with the SD3.5-M preset's batch sizes.
     Without one: the CPU smoke size, so that the code path runs everywhere.
     """
+    # The shapes' own sample_size sets the image size (64 latents = the preset's 512 px):
+    # sampler.resolution would ask a VAE, which the stage model does not have.
+    native = cfg.sampler.model_copy(update={"resolution": None})
     if on_gpu:
         text_len = CLIP_TOKENS + cfg.model.max_sequence_length
         return cfg.model_copy(update={"model": cfg.model.model_copy(
-            update={"device": "cuda", "dtype": "bfloat16"})}), SD35M_SHAPE, text_len, "cuda"
+            update={"device": "cuda", "dtype": "bfloat16"}), "sampler": native}), \
+            SD35M_SHAPE, text_len, "cuda"
     small = {"grpo": cfg.grpo.model_copy(update={"group_size": 2, "micro_batch": 2}),
-             "sampler": cfg.sampler.model_copy(update={"num_steps": 4}),
+             "sampler": native.model_copy(update={"num_steps": 4}),
              "self_confidence": cfg.self_confidence.model_copy(update={"num_probes": 2}),
              "model": cfg.model.model_copy(update={"device": "cpu", "dtype": "float32"})}
     return cfg.model_copy(update=small), SD35M_CPU_SHAPE, 16, "cpu"

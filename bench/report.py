@@ -235,6 +235,20 @@ def gpu_section(results: dict) -> str:
         "once per image, not per token; backward through a frozen base with LoRA costs about "
         "one more forward (no weight gradients), not two. So the ceiling in §7 is conservative "
         "by the ratio of the two per-image totals.",
+        "", "### The GPU check", "",
+        "`python -m bench.gpu_check` is the prepared check for a lent GPU (issue #17): the "
+        "SD3.5-M-shaped transformer at 512 px in bf16 through sampling, scoring (LoRA unmerged "
+        "and merged) and one update (with and without `learner.recompute_old_logprobs`) at the "
+        "SD3.5-M preset's batch sizes, without Ray or DeepSpeed: images/s and peak "
+        "`torch.cuda.max_memory_allocated` per stage against `python -m bench memory`'s "
+        "estimate, and the first ratio's largest |ratio - 1| on-policy. "
+        + ("Its figures: `docs/bench/gpu_check.json`."
+           if g["measured_on_gpu"] else
+           "**Not run on a GPU: no GPU has been lent to the project**, so these figures do "
+           "not exist yet; its CPU mode runs in the test suite (`tests/test_gpu_check.py`). "
+           "When a GPU is lent: `python -m bench.gpu_check --out docs/bench/gpu_check.json` "
+           "(docs/cluster.md, \"The GPU check\", says how its wheels travel), and its table "
+           "goes here."),
     ]
     return "\n".join(text)
 

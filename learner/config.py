@@ -129,6 +129,12 @@ class SelfConfidenceConfig(_Section):
         None, ge=1, description="at most this many of the K x group probe latents per "
         "transformer forward (the same rewards); null: all of a group's at once"
     )
+    merge_lora: bool = Field(
+        False, description="score with the LoRA merged into the transformer's weights "
+        "(policy.merged; base weights restored exactly after each call): no extra adapter "
+        "matmuls. The reward is not in the policy ratio, so the last-bit differences of a "
+        "merged bf16 forward are harmless here (sampling and training stay unmerged)"
+    )
 
     @model_validator(mode="after")
     def _even(self) -> SelfConfidenceConfig:
@@ -220,6 +226,11 @@ class RolloutConfig(_Section):
         None, ge=1, description="at most this many trajectories denoised at once in a rollout "
         "actor (a call's groups are sampled in chunks; the same samples); null: a call's "
         "whole batch at once, and evaluations in batches of 32"
+    )
+    decode_batch: int | None = Field(
+        None, ge=1, description="at most this many images decoded by the VAE at once (sample "
+        "grids, evaluations, external-reward actors; the same images); null: all of a call "
+        "at once (SD3.5-M's VAE needs ~0.37 GiB an image at 512 px in bf16)"
     )
     timeout_s: float = Field(
         1800.0, gt=0, description="longest wait for one step's rollouts and scores (or one "
@@ -338,6 +349,14 @@ class LearnerConfig(_Section):
     require_resource: bool = Field(
         False, description="always ask for the 'learner' resource (autoscaling clusters); "
         "false: only if a node declares it at start"
+    )
+    recompute_old_logprobs: bool = Field(
+        False, description="before each update, recompute the sampled log-probs on the "
+        "learner (no grad, the rollout's own weight version swapped in, the update's "
+        "micro-batches), so the ratio's denominator comes from the same kernels, batch "
+        "shapes and dtype as its numerator: bf16 GPU kernels differ with batch size, and "
+        "with clip_range 1e-4 that drift alone clips samples. Costs one no-grad forward "
+        "per trained step and sample (python -m bench onpolicy measures it)"
     )
     max_staleness: int = Field(
         1, ge=0, description="how many weight versions a rollout may lag the learner; 0 = on-policy"

@@ -49,6 +49,7 @@ ranks or ZeRO stage (optimizer states are per-rank partitions).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
@@ -61,7 +62,7 @@ import numpy as np
 import torch
 
 from learner.config import GrpoConfig
-from learner.update import accumulate_grpo_gradients, merge_metrics
+from learner.update import accumulate_grpo_gradients, merge_metrics, recompute_old_log_probs
 from policy.pipeline import (
     LoraSpec,
     add_lora,
@@ -71,7 +72,7 @@ from policy.pipeline import (
 )
 from policy.prompt_table import PromptTable, text_source
 from policy.sampler import Rollout
-from policy.weights import FlatWeights, flatten_weights
+from policy.weights import FlatWeights, flatten_weights, unflatten_weights
 
 if TYPE_CHECKING:
     import ray
@@ -139,6 +140,22 @@ def rollout_span(shard: np.ndarray, sizes: list[int]) -> tuple[int, int, int]:
     return first, last, int(bounds[first])
 
 
+@contextlib.contextmanager
+def lora_swapped(transformer: torch.nn.Module, flat: FlatWeights | None, device: str):
+    """The LoRA weights of ``flat`` in place of the transformer's inside the block, the
+    current ones copied back exactly after (no optimizer step may run inside). None: the
+    current weights stay."""
+    if flat is None:
+        yield
+        return
+    current = {k: v.detach().clone() for k, v in lora_state_dict(transformer).items()}
+    load_lora_state_dict(transformer, unflatten_weights(flat, device))
+    try:
+        yield
+    finally:
+        load_lora_state_dict(transformer, current)
+
+
 class LearnerRank:
     """One data-parallel rank: the frozen pipeline, its LoRA, and a DeepSpeed engine.
 
@@ -149,8 +166,10 @@ class LearnerRank:
     def __init__(self, rank: int, world_size: int, *, lora: LoraSpec, grpo: GrpoConfig,
                  model_path: str = "tiny-random", dtype: str = "float32", device: str = "cpu",
                  num_threads: int = 1, zero_stage: int = 2, max_sequence_length: int = 8,
-                 gradient_checkpointing: bool = False, prompt_table: PromptTable | None = None):
+                 gradient_checkpointing: bool = False, prompt_table: PromptTable | None = None,
+                 recompute_old_logprobs: bool = False):
         self.rank, self.world_size, self.device = rank, world_size, device
+        self.recompute_old_logprobs = recompute_old_logprobs
         self.grpo, self.zero_stage, self.dtype = grpo, zero_stage, dtype
         self.max_sequence_length = max_sequence_length
         self.config = deepspeed_config(grpo, zero_stage, world_size, dtype)  # fail before building
@@ -188,14 +207,16 @@ class LearnerRank:
 
     def train_step(self, advantages: np.ndarray, shard: np.ndarray, steps: list[int],
                    global_count: int, num_micro_batches: int | None, *rollouts: Rollout,
-                   ) -> dict[str, float]:
+                   behaviour: FlatWeights | None = None) -> dict[str, float]:
         """One optimizer step, this rank training samples ``shard`` of the step's rollouts.
 
         ``rollouts`` are the step's numpy rollouts in order (Ray resolves each ``ObjectRef``
         passed as a top-level argument), together N samples; ``advantages`` [N] theirs, ``shard`` [n] int indices of the kept samples
         this rank trains, ``global_count`` the kept samples over all ranks. Every rank
         must get the same ``steps`` and ``num_micro_batches`` (default: what this shard
-        needs, only right when all shards need the same).
+        needs, only right when all shards need the same). With ``recompute_old_logprobs``
+        the rollouts' log-probs are recomputed here first, with ``behaviour`` (the weight
+        version that sampled them) swapped in; None: with the current weights.
         """
         if self.engine is None:
             raise RuntimeError("LearnerRank.connect must run before train_step")
@@ -210,6 +231,13 @@ class LearnerRank:
         adv = torch.as_tensor(np.asarray(advantages, np.float32)[rows], device=self.device)  # [n]
         index = torch.arange(len(shard))  # [n] rows of the sub-rollout trained here
         terms, calls = count * len(steps), 0
+        recompute_s = 0.0
+        if self.recompute_old_logprobs:  # the ratio's denominator from this rank's kernels
+            t1 = time.perf_counter()
+            with lora_swapped(self.pipe.transformer, behaviour, self.device):
+                sub = recompute_old_log_probs(self.engine, sub, cond, self.negative, index,
+                                              steps, self.grpo, count)
+            recompute_s = time.perf_counter() - t1
 
         def backward(loss: torch.Tensor) -> None:
             nonlocal calls
@@ -229,6 +257,8 @@ class LearnerRank:
             norm = float(self.engine.get_global_grad_norm())
         metrics["loss/grad_norm"] = norm
         metrics["timing/update_s"] = time.perf_counter() - t0
+        if self.recompute_old_logprobs:
+            metrics["timing/recompute_s"] = recompute_s
         return metrics
 
     def _reduced_grad_norm(self) -> float:
@@ -286,7 +316,7 @@ class LearnerGroup:
                  num_threads: int = 1, num_cpus: float = 1, zero_stage: int = 2,
                  max_sequence_length: int = 8, require_resource: bool = False,
                  gradient_checkpointing: bool = False, placement_timeout_s: float = 600.0,
-                 prompt_table=None):
+                 prompt_table=None, recompute_old_logprobs: bool = False):
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -326,7 +356,8 @@ class LearnerGroup:
                          r, num_ranks, model_path=model_path, dtype=dtype, device=device,
                          num_threads=num_threads, lora=lora, grpo=grpo, zero_stage=zero_stage,
                          max_sequence_length=max_sequence_length,
-                         gradient_checkpointing=gradient_checkpointing, prompt_table=prompt_table)
+                         gradient_checkpointing=gradient_checkpointing, prompt_table=prompt_table,
+                         recompute_old_logprobs=recompute_old_logprobs)
             for r in range(num_ranks)
         ]
         # Rank 0 hosts the rendezvous: its node's address and a port free there.
@@ -345,13 +376,16 @@ class LearnerGroup:
 
     def submit_train_step(self, rollouts: ray.ObjectRef | Rollout | list, advantages: np.ndarray,
                           keep: np.ndarray, steps: list[int],
-                          sizes: list[int] | None = None) -> list[ray.ObjectRef]:
+                          sizes: list[int] | None = None,
+                          behaviour: ray.ObjectRef | FlatWeights | None = None,
+                          ) -> list[ray.ObjectRef]:
         """Start :meth:`train_step` on every rank; returns the ranks' result refs, so the
         caller can do other work (keep the reward pools busy) until they are ready.
 
         ``sizes``: the samples in each rollout. With them each rank is sent only the
         rollouts its shard draws from (on a cluster, only those travel to its node);
-        without, every rank gets every rollout."""
+        without, every rank gets every rollout. ``behaviour``: the weights that sampled
+        the rollouts, for ranks that recompute their log-probs (``recompute_old_logprobs``)."""
         refs = [self._as_ref(r) for r in (rollouts if isinstance(rollouts, list) else [rollouts])]
         kept = np.flatnonzero(np.asarray(keep))
         if len(kept) == 0:
@@ -366,7 +400,7 @@ class LearnerGroup:
             end = offset + (sum(sizes[first:last + 1]) if sizes is not None else len(advantages))
             calls.append(rank.train_step.remote(
                 advantages[offset:end], shard - offset, list(steps), len(kept), count,
-                *refs[first:last + 1]))
+                *refs[first:last + 1], behaviour=behaviour))
         return calls
 
     def finish_train_step(self, refs: list[ray.ObjectRef]) -> dict[str, float]:

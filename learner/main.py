@@ -441,7 +441,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
                     for _ in range(cfg.grpo.inner_epochs):
                         pending_update = service.learner.submit_train_step(
                             work.refs, adv.values.numpy(), adv.keep.numpy(), steps_trained,
-                            sizes=work.sizes())
+                            sizes=work.sizes(), behaviour=service.weights[work.version]
+                            if cfg.learner.recompute_old_logprobs else None)
                         service.wait_update(pending_update, inflight)  # scoring goes on
                         metrics = service.learner.finish_train_step(pending_update)
                         check_finite_update(step, metrics, run_dir)

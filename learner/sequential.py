@@ -26,7 +26,7 @@ import argparse
 import json
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -40,8 +40,9 @@ from learner.grpo import (
     shuffle_within_groups,
 )
 from learner.prompts import PromptCursor, load_prompts, select_tags
-from learner.update import accumulate_grpo_gradients
+from learner.update import accumulate_grpo_gradients, recompute_old_log_probs
 from policy.logprob import trained_steps
+from policy.merged import merged_lora
 from policy.pipeline import adapter_disabled, add_lora, build_pipeline, save_lora
 from policy.sampler import (
     SHUFFLE_STREAM,
@@ -102,13 +103,16 @@ def score_step(pipe, cfg: Config, batch: Batch, negative: Conditioning, scorers:
     out = {}
     sc = cfg.self_confidence
     if sc.enabled:
-        base = adapter_disabled(pipe.transformer) if sc.policy == "base" else nullcontext()
-        with base:
+        if sc.policy == "base":
+            context = adapter_disabled(pipe.transformer)
+        else:  # not in the ratio: merged forwards are safe (policy.merged)
+            context = merged_lora(pipe.transformer) if sc.merge_lora else nullcontext()
+        with context:
             out[SC], _ = score_rollout(pipe.transformer, batch.rollout, batch.cond, cfg.seed,
                                        sc.num_probes, sc.probe_fraction, sc.delta,
                                        sc.aggregation, sc.guidance_scale, negative)
     if scorers:
-        images = decode_images(pipe, batch.rollout.final)
+        images = decode_images(pipe, batch.rollout.final, cfg.rollout.decode_batch)
         metadata = [rows[i] for i in batch.rollout.prompt_ids.tolist()]
         for name, scorer in scorers.items():
             values = scorer(images, list(batch.rollout.prompts), metadata)
@@ -121,6 +125,12 @@ def update_step(pipe, cfg: Config, batch: Batch, advantages, negative, optimizer
     gr = cfg.grpo
     keep = advantages.keep.nonzero().flatten()
     steps = trained_steps(batch.rollout, gr.train_fraction)
+    recompute_s = 0.0
+    if cfg.learner.recompute_old_logprobs:  # on-policy here: the weights that sampled
+        t0 = time.perf_counter()
+        batch = replace(batch, rollout=recompute_old_log_probs(
+            pipe.transformer, batch.rollout, batch.cond, negative, keep, steps, gr))
+        recompute_s = time.perf_counter() - t0
     for epoch in range(gr.inner_epochs):
         optimizer.zero_grad(set_to_none=True)
         metrics = accumulate_grpo_gradients(
@@ -133,6 +143,8 @@ def update_step(pipe, cfg: Config, batch: Batch, advantages, negative, optimizer
             first_dev = metrics["loss/first_ratio_max_dev"]
     metrics["loss/first_ratio_max_dev"] = first_dev
     metrics["loss/grad_norm"] = float(norm)
+    if cfg.learner.recompute_old_logprobs:
+        metrics["timing/recompute_s"] = recompute_s
     return metrics
 
 

@@ -109,7 +109,8 @@ class Service:
         self.rollout_actors = [
             actor.remote(m.path, m.dtype, m.device, cfg.rollout.num_threads, lora,
                          cfg.sampler.spec(), m.max_sequence_length, cfg.seed,
-                         cfg.sampler.spec(eval=True), cfg.rollout.micro_batch, table)
+                         cfg.sampler.spec(eval=True), cfg.rollout.micro_batch, table,
+                         cfg.rollout.decode_batch)
             for _ in range(cfg.rollout.num_actors)
         ]
         sc, rp = cfg.self_confidence, cfg.reward_pool
@@ -120,7 +121,8 @@ class Service:
                         m.max_sequence_length, cfg.seed, sc.num_probes, sc.probe_fraction,
                         sc.delta, sc.aggregation, sc.guidance_scale, sc.policy,
                         window_steps(cfg.sampler.spec(), cfg.grpo.train_fraction)
-                        if cfg.grpo.credit == "per_step" else None, sc.micro_batch, table),
+                        if cfg.grpo.credit == "per_step" else None, sc.micro_batch, table,
+                        sc.merge_lora),
                 rp.num_actors, timeout_s=rp.timeout_s, max_retries=rp.max_retries,
                 max_restarts=rp.max_restarts, ready_timeout_s=rp.ready_timeout_s,
                 num_cpus=rp.num_cpus, num_gpus=rp.num_gpus,
@@ -132,7 +134,8 @@ class Service:
                               else (ext.target, ext.kwargs))
             self.pools[ext.name] = RewardPool(
                 partial(ExternalRewardWorker, target, ext.name, m.path, m.dtype, m.device,
-                        1, kwargs, rows + eval_rows),  # eval prompt ids follow the rows
+                        1, kwargs, rows + eval_rows,  # eval prompt ids follow the rows
+                        cfg.rollout.decode_batch),
                 ext.num_actors, timeout_s=rp.timeout_s, max_retries=rp.max_retries,
                 max_restarts=rp.max_restarts, ready_timeout_s=rp.ready_timeout_s,
                 num_cpus=ext.num_cpus, num_gpus=ext.num_gpus,
@@ -152,6 +155,7 @@ class Service:
                 require_resource=cfg.learner.require_resource,
                 gradient_checkpointing=cfg.learner.gradient_checkpointing,
                 placement_timeout_s=cfg.learner.placement_timeout_s, prompt_table=table,
+                recompute_old_logprobs=cfg.learner.recompute_old_logprobs,
             )
         except PlacementTimeout:  # nothing to run with: the started actors go too
             for pool in self.pools.values():

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 
@@ -129,6 +130,39 @@ def accumulate_grpo_gradients(
     metrics.update({"loss/ratio_min": ratio_min, "loss/ratio_max": ratio_max,
                     "loss/first_ratio_max_dev": first_dev, SAMPLES: float(len(index))})
     return metrics
+
+
+@torch.no_grad()
+def recompute_old_log_probs(
+    transformer: torch.nn.Module,
+    rollout: Rollout,
+    cond: Conditioning,
+    negative: Conditioning | None,
+    index: torch.Tensor,
+    steps: Sequence[int],
+    cfg: GrpoConfig,
+    num_micro_batches: int | None = None,
+) -> Rollout:
+    """``rollout`` with the old log-probs of samples ``index`` at ``steps`` recomputed here.
+
+    The ratio's denominator then comes from the same kernels, micro-batches and dtype as
+    the numerator that :func:`accumulate_grpo_gradients` computes next: in bf16 on GPUs
+    a kernel's result depends on the batch it runs in (a rollout of 32 trajectories vs a
+    training micro-batch of 8), and with ``clip_range`` 1e-4 that drift alone clips
+    samples. ``transformer`` must hold the weights that sampled the rollout (the caller
+    swaps them in when the rollout is stale). Same chunks as the update, so the same
+    batch shapes; other samples and steps keep the rollout's own log-probs.
+    """
+    log_probs = torch.as_tensor(rollout.log_probs).clone()  # [N, T]
+    for chunk in micro_batches(index, cfg.micro_batch, num_micro_batches):
+        if len(chunk) == 0:
+            continue  # a padding pass trains nothing
+        chunk_cond = cond.select(chunk)
+        for j in steps:
+            new = step_log_prob(transformer, rollout, j, chunk_cond, negative, chunk,
+                                cfg.detach_uncond)
+            log_probs[chunk, j] = new.log_prob.to(log_probs.device, log_probs.dtype)
+    return replace(rollout, log_probs=log_probs)
 
 
 def merge_metrics(parts: Sequence[dict[str, float]]) -> dict[str, float]:

@@ -258,3 +258,69 @@ def test_no_secrets_in_deploy_files():
         text = path.read_text()
         assert not re.search(r"\b[0-9a-f]{64}\b", text), f"{path} holds something token-like"
         assert "RAY_AUTH_TOKEN=" not in text, path
+
+
+# -- what a cluster user runs: image in one place, HF token, shared cache, claims ------------
+
+
+def _job_containers(job: dict) -> list[dict]:
+    spec = job["spec"]["rayClusterSpec"]
+    pods = [spec["headGroupSpec"]["template"]["spec"]]
+    pods += [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+    return [(pod, c) for pod in pods for c in pod["containers"]]
+
+
+def test_the_image_is_named_in_one_place():
+    kustom = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
+    job = yaml.safe_load((DEPLOY / "kuberay-job.yaml").read_text())
+    (image,) = kustom["images"]
+    for _, container in _job_containers(job):
+        assert container["image"] == image["name"], container["name"]
+    assert image["newName"].endswith("/solace-rl") and image["newTag"]
+    for resource in kustom["resources"]:
+        assert (DEPLOY / resource).is_file(), resource
+    # no other deploy file names a registry image of the project
+    for path in DEPLOY.iterdir():
+        if path.name != "kustomization.yaml":
+            assert "REGISTRY/" not in path.read_text(), path
+
+
+def test_every_pod_has_the_hf_token_from_a_secret_and_the_shared_cache():
+    job = yaml.safe_load((DEPLOY / "kuberay-job.yaml").read_text())
+    claims = {d["metadata"]["name"]: d for d in
+              yaml.safe_load_all((DEPLOY / "volumes.yaml").read_text())}
+    for pod, container in _job_containers(job):
+        env = {e["name"]: e for e in container["env"]}
+        assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "solace-rl-hf",
+                                                                "key": "token"}
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        assert env["HF_HOME"]["value"] in mounts  # the cache is on the shared volume
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        cache = volumes[mounts[env["HF_HOME"]["value"]]]["persistentVolumeClaim"]["claimName"]
+        assert "ReadWriteMany" in claims[cache]["spec"]["accessModes"]
+        for v in volumes.values():  # every claim a pod mounts is created by volumes.yaml
+            if "persistentVolumeClaim" in v:
+                assert v["persistentVolumeClaim"]["claimName"] in claims
+    assert "--run-dir /mnt/runs" in job["spec"]["entrypoint"]
+
+
+def test_dockerignore_keeps_the_big_paths_out_of_the_build_context():
+    import fnmatch
+
+    patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+
+    def ignored(path: str) -> bool:  # docker's rule: a pattern matches the path or a parent
+        parts = path.split("/")
+        prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        return any(fnmatch.fnmatch(p, pat.removeprefix("**/")) or fnmatch.fnmatch(p, pat)
+                   for pat in patterns for p in prefixes + [parts[-1]])
+
+    for path in (".venv/lib/python3.11/site-packages/torch/__init__.py", ".git/HEAD",
+                 "runs/sd35m/metrics.jsonl", "learner/__pycache__/main.cpython-311.pyc",
+                 ".pytest_cache/v", ".ruff_cache/x", "wheelhouse/torch.whl"):
+        assert ignored(path), path
+    # ... and not what the Dockerfile copies
+    for path in ("requirements.lock", "setup.sh", "learner/main.py", "configs/sd35m_solace.yaml",
+                 "models/tiny-shapes-sd3/model_index.json"):
+        assert not ignored(path), path

@@ -396,3 +396,16 @@ def test_a_text_prompt_file_and_a_plain_jsonl_each_train_two_steps(local_ray, tm
     seq_dir = sequential.train(load_config(REPO / "configs/tiny_solace.yaml", over + [
         f"train.prompts={plain}"]), tmp_path / "plain")
     assert [m["step"] for m in _lines(seq_dir / "metrics.jsonl")] == [0, 1]
+
+
+def test_recompute_old_logprobs_through_the_service(local_ray, tmp_path):
+    """learner.recompute_old_logprobs with staleness 1: the ranks recompute every step with
+    the weights that sampled it (the driver passes that version), so the first step's
+    ratio is 1 and later, stale steps keep their real change of policy in the ratio."""
+    cfg = load_config(REPO / "configs/tiny_solace.yaml", SMALL + [
+        "train.steps=3", "learner.max_staleness=1", "learner.recompute_old_logprobs=true",
+        "grpo.lr=0.01", "reward_pool.control_name=test-pool-recompute"])
+    metrics = _lines(train(cfg, tmp_path / "recompute") / "metrics.jsonl")
+    assert len(metrics) == 3 and all(m["timing/recompute_s"] > 0 for m in metrics)
+    assert metrics[0]["loss/first_ratio_max_dev"] < 1e-5  # version 0 sampled, version 0 trains
+    assert max(m["loss/first_ratio_max_dev"] for m in metrics[1:]) > 1e-5  # one version behind
