@@ -113,3 +113,27 @@ def test_seeds_tabulate_each_run_per_seed_with_the_mean(tmp_path):
     text = (tmp_path / "all.md").read_text()
     assert "| recipe | 4 | +0.100 ± 0.010 | +0.300 ± 0.010 | **+0.200 ± 0.100** |" in text
     assert "| control |" not in text and (tmp_path / "all.png").is_file()
+
+
+def test_screen_pairs_each_evaluation_with_the_first_by_tag(tmp_path):
+    from studies import screen
+
+    first = {"strict": [1, 0, 0, 0], "partial": [1.0, 0.5, 0.0, 0.5], "tags": ["a", "a", "b", "b"]}
+    now = {"strict": [1, 1, 0, 1], "partial": [1.0, 1.0, 0.0, 1.0], "tags": ["a", "a", "b", "b"]}
+    gain, se = screen.paired(now, first, "strict")
+    assert gain == pytest.approx((0.5 + 0.5) / 2)  # the mean over tags, as GenEval's overall
+    assert se == pytest.approx((0.5 ** 2 + 0.5 ** 2) ** 0.5 / 2)
+    assert screen.paired(now, first, "partial")[0] == pytest.approx(0.25)
+    # a two-step screen on the tiny random pipeline: it trains, evaluates twice, writes it all
+    summary = screen.main([
+        "--config", "configs/learn_shapes.yaml", "--steps", "2", "--eval-every", "2",
+        "--train-per-prompt", "1", "--test-per-prompt", "1", "--out", str(tmp_path),
+        "--set", "model.path=tiny-random", "--set", "model.max_sequence_length=8",
+        "--set", "grpo.group_size=2", "--set", "grpo.prompts_per_step=2",
+        "--set", "sampler.num_steps=3", "--set", "sampler.eval_num_steps=2",
+        "--set", "train.tags=[single_object]"])
+    assert [e["step"] for e in summary["evals"]] == [0, 2]
+    assert tuple(summary["evals"][0]["test/strict"]) == (0.0, 0.0)
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    evals = [json.loads(line) for line in (tmp_path / "evals.jsonl").read_text().splitlines()]
+    assert len(evals[1]["test"]["strict"]) == 98 and len(evals[1]["train"]["strict"]) == 2
